@@ -1,0 +1,15 @@
+"""revdiffrax: algebraically reversible solvers and an exact, O(1)-memory adjoint
+for diffrax."""
+
+import importlib.metadata
+
+from ._solver import (
+    AbstractReversibleSolver as AbstractReversibleSolver,
+    LeapfrogMidpoint as LeapfrogMidpoint,
+    Reversible as Reversible,
+    ReversibleHeun as ReversibleHeun,
+    SemiImplicitEuler as SemiImplicitEuler,
+)
+
+
+__version__ = importlib.metadata.version("revdiffrax")

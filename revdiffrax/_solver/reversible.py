@@ -1,0 +1,301 @@
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeAlias
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
+from diffrax._heuristics import is_sde
+from diffrax._local_interpolation import AbstractLocalInterpolation
+from jaxtyping import Array, PyTree
+
+from .base import AbstractReversibleSolver
+
+
+_BaseState: TypeAlias = Any
+# (z, base solver state). The base state is the one returned by `base.init` and is
+# never advanced: every base step is made with `made_jump=True` (see `_base_step`).
+_SolverState: TypeAlias = tuple[Y, _BaseState]
+
+
+def _axpy(a, x, y):
+    """a * x + y, leafwise."""
+    return jtu.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def _sub(x, y):
+    return jtu.tree_map(lambda xi, yi: xi - yi, x, y)
+
+
+def _add(x, y):
+    return jtu.tree_map(lambda xi, yi: xi + yi, x, y)
+
+
+class _ReversibleInterpolation(AbstractLocalInterpolation):
+    """Dense output of one reversible step, interpolating y (not z).
+
+    The base solver's interpolant `b(t)` goes from `z0` at `t0` to `z0 + Psi_h(z0)`
+    at `t1`. Shifting it by the constant `y0 - z0`, plus a linear correction for the
+    coupling term, gives an interpolant of `y` with `y(t0) = y0` and `y(t1) = y1`:
+
+        y(t) = b(t) + (y0 - z0) + s(t) * (1 - lambda) * (z0 - y0),
+        s(t) = (t - t0) / (t1 - t0).
+
+    As `y - z = O(h^p)` this keeps the accuracy of the base interpolant.
+    """
+
+    t0: RealScalarLike
+    t1: RealScalarLike
+    base: AbstractLocalInterpolation
+    offset: Y
+    drift: Y
+
+    def evaluate(
+        self, t0: RealScalarLike, t1: RealScalarLike | None = None, left: bool = True
+    ) -> PyTree[Array]:
+        del left
+        if t1 is not None:
+            return _sub(self.evaluate(t1), self.evaluate(t0))
+        with jax.numpy_dtype_promotion("standard"):
+            s = (t0 - self.t0) / (self.t1 - self.t0)
+            b = self.base.evaluate(t0)
+            return jtu.tree_map(
+                lambda bi, oi, di: (bi + oi + s * di).astype(bi.dtype),
+                b,
+                self.offset,
+                self.drift,
+            )
+
+
+class _InterpolationFactory(eqx.Module):
+    # A hashable stand-in for `functools.partial(_ReversibleInterpolation, ...)`:
+    # diffrax calls `solver.interpolation_cls(t0=..., t1=..., **dense_info)`.
+    base_cls: Callable[..., AbstractLocalInterpolation] = eqx.field(static=True)
+
+    def __call__(self, *, t0, t1, base, offset, drift):
+        return _ReversibleInterpolation(
+            t0=t0,
+            t1=t1,
+            base=self.base_cls(t0=t0, t1=t1, **base),
+            offset=offset,
+            drift=drift,
+        )
+
+
+def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
+    name = type(solver).__name__
+    if isinstance(solver, AbstractReversibleSolver) or isinstance(
+        solver,
+        (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint, diffrax.SemiImplicitEuler),
+    ):
+        raise ValueError(
+            f"`{name}` is already reversible (or multistep), so it cannot be wrapped "
+            "by `revdiffrax.Reversible`. Use it directly with "
+            f"`revdiffrax.ReversibleAdjoint()`: `revdiffrax.{name}()`."
+        )
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(
+            f"`revdiffrax.Reversible` needs an explicit solver, but `{name}` is "
+            "implicit: its backward step would need a nonlinear solve and would not "
+            "be algebraically reversible. Use an explicit solver instead, e.g. "
+            "`revdiffrax.Reversible(diffrax.Tsit5())`."
+        )
+    if isinstance(solver, diffrax.AbstractItoSolver) and not isinstance(
+        solver, (diffrax.AbstractStratonovichSolver, diffrax.Euler)
+    ):
+        raise ValueError(
+            f"`{name}` converges to the Ito solution of an SDE, but the reversible "
+            "scheme steps backwards in time, which is only consistent for "
+            "Stratonovich SDEs. Use a Stratonovich solver, e.g. "
+            "`revdiffrax.Reversible(diffrax.Heun())` or "
+            "`revdiffrax.Reversible(diffrax.ShARK())`."
+        )
+    if isinstance(solver, diffrax.AbstractFosterLangevinSRK):
+        raise ValueError(
+            f"`{name}` carries Langevin-specific state between steps and is not "
+            "supported by `revdiffrax.Reversible`. Use a general Stratonovich SDE "
+            "solver instead, e.g. `revdiffrax.Reversible(diffrax.ShARK())`."
+        )
+
+
+class Reversible(AbstractReversibleSolver[_SolverState], diffrax.AbstractAdaptiveSolver):
+    r"""The McCallum-Foster reversible method: makes any explicit single-step solver
+    algebraically reversible, keeping its order of convergence.
+
+    Writing the base solver's step as an increment
+    $\Psi_h(t, u) = \text{step}(t \to t + h, u) - u$, the method carries two states
+    $y_n$ (the solution) and $z_n$ (with $z_0 = y_0$), and a coupling
+    $\lambda \in (0, 1]$:
+
+    $$y_{n+1} = \lambda y_n + (1 - \lambda) z_n + \Psi_h(t_n, z_n),$$
+    $$z_{n+1} = z_n - \Psi_{-h}(t_{n+1}, y_{n+1}).$$
+
+    The step is inverted exactly by
+
+    $$z_n = z_{n+1} + \Psi_{-h}(t_{n+1}, y_{n+1}),$$
+    $$y_n = \big(y_{n+1} - (1 - \lambda) z_n - \Psi_h(t_n, z_n)\big) / \lambda.$$
+
+    Each step costs two base steps. The error estimate is the base solver's estimate
+    for $\Psi_h(t_n, z_n)$, so adaptive step size controllers work; dense output
+    interpolates $y$. For $y' = ay$ one step multiplies $(y, z)$ by a matrix with
+    determinant $\lambda$: smaller $\lambda$ widens the stability region away from the
+    imaginary axis, at the price of amplifying rounding errors during reconstruction
+    by about $1/\lambda$ per step.
+
+    For SDEs the base solver must converge to the Stratonovich solution and the
+    Brownian motion must be re-evaluable (e.g. `diffrax.VirtualBrownianTree`).
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @article{mccallum2024efficient,
+            title={Efficient, Accurate and Stable Gradients for Neural ODEs},
+            author={McCallum, Sam and Foster, James},
+            journal={arXiv:2410.11648},
+            year={2024}
+        }
+        ```
+    """
+
+    solver: diffrax.AbstractSolver
+    coupling: float = 0.999
+
+    interpolation_cls: ClassVar[Any] = property(  # pyright: ignore
+        lambda self: _InterpolationFactory(self.solver.interpolation_cls)
+    )
+
+    def __check_init__(self):
+        if not isinstance(self.solver, diffrax.AbstractSolver):
+            raise ValueError(
+                "`revdiffrax.Reversible(solver, coupling)` expects a diffrax solver as "
+                f"its first argument, e.g. `diffrax.Tsit5()`; got {self.solver!r}."
+            )
+        _check_base_solver(self.solver)
+        coupling = self.coupling
+        if isinstance(coupling, (int, float)) and not (0 < coupling <= 1):
+            raise ValueError(
+                f"`coupling` must lie in (0, 1], got {coupling}. Values close to 1 "
+                "(the default 0.999) keep the backward reconstruction accurate; "
+                "smaller values widen the stability region."
+            )
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+    ) -> _SolverState:
+        if is_sde(terms) and isinstance(self.solver, diffrax.Euler):
+            raise ValueError(
+                "`diffrax.Euler` converges to the Ito solution of an SDE, but the "
+                "reversible scheme steps backwards in time, which is only consistent "
+                "for Stratonovich SDEs. Use a Stratonovich solver, e.g. "
+                "`revdiffrax.Reversible(diffrax.Heun())`."
+            )
+        return y0, self.solver.init(terms, t0, t1, y0, args)
+
+    def _base_step(self, terms, t0, t1, u, args, base_state):
+        # `made_jump=True` makes FSAL solvers re-evaluate their first stage: successive
+        # base steps start from different points (z_n, then y_{n+1}), so a stage
+        # carried over from the previous base step would be wrong. This leaves the
+        # user's solver object untouched.
+        u1, error, dense_info, _, result = self.solver.step(
+            terms, t0, t1, u, args, base_state, True
+        )
+        return _sub(u1, u), error, dense_info, result
+
+    def _dense_info(self, y0, z0, base_dense_info):
+        offset = _sub(y0, z0)
+        drift = jtu.tree_map(lambda o: -(1 - self.coupling) * o, offset)
+        return dict(base=base_dense_info, offset=offset, drift=drift)
+
+    def step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+    ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
+        del made_jump
+        lam = self.coupling
+        z0, base_state = solver_state
+        psi_z, error, base_dense_info, result1 = self._base_step(
+            terms, t0, t1, z0, args, base_state
+        )
+        y1 = _add(_axpy(lam, y0, jtu.tree_map(lambda z: (1 - lam) * z, z0)), psi_z)
+        psi_y, _, _, result2 = self._base_step(terms, t1, t0, y1, args, base_state)
+        z1 = _sub(z0, psi_y)
+        dense_info = self._dense_info(y0, z0, base_dense_info)
+        result = diffrax.RESULTS.where(
+            result1 == diffrax.RESULTS.successful, result2, result1
+        )
+        return y1, error, dense_info, (z1, base_state), result
+
+    def backward_step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+    ) -> tuple[Y, DenseInfo, _SolverState, diffrax.RESULTS]:
+        del made_jump
+        lam = self.coupling
+        z1, base_state = solver_state
+        psi_y, _, _, result1 = self._base_step(terms, t1, t0, y1, args, base_state)
+        z0 = _add(z1, psi_y)
+        psi_z, _, base_dense_info, result2 = self._base_step(
+            terms, t0, t1, z0, args, base_state
+        )
+        y0 = self._reconstruct_y0(y1, z0, psi_z)
+        dense_info = self._dense_info(y0, z0, base_dense_info)
+        result = diffrax.RESULTS.where(
+            result1 == diffrax.RESULTS.successful, result2, result1
+        )
+        return y0, dense_info, (z0, base_state), result
+
+    def _reconstruct_y0(self, y1, z0, psi_z):
+        lam = self.coupling
+        return jtu.tree_map(
+            lambda y, z, p: (y - (1 - lam) * z - p) / lam, y1, z0, psi_z
+        )
+
+    def func(
+        self, terms: PyTree[diffrax.AbstractTerm], t0: RealScalarLike, y0: Y, args: Args
+    ) -> VF:
+        return self.solver.func(terms, t0, y0, args)
+
+
+Reversible.__init__.__doc__ = """**Arguments:**
+
+- `solver`: an explicit single-step diffrax solver, e.g. `diffrax.Tsit5()`. For SDEs
+    it must converge to the Stratonovich solution (e.g. `diffrax.Heun()`,
+    `diffrax.ShARK()`).
+- `coupling`: the coupling parameter $\\lambda \\in (0, 1]$. Defaults to `0.999`.
+"""
