@@ -3,6 +3,7 @@ for diffrax."""
 
 import importlib.metadata
 
+from ._adjoint import ReversibleAdjoint as ReversibleAdjoint
 from ._solver import (
     AbstractReversibleSolver as AbstractReversibleSolver,
     LeapfrogMidpoint as LeapfrogMidpoint,
