@@ -536,12 +536,18 @@ def _loop_reversible_bwd(
         def step_fn(p):
             _y, _state, _pdiff, _ta, _tb = p
             _terms, _args = eqx.combine(_pdiff, params_static)
+            if not want_times:
+                # e.g. `VirtualBrownianTree` refuses to be differentiated in time.
+                _ta, _tb = t_a, t_b
             _y1, _, _dinfo, _state1, _ = solver.step(
                 _terms, _ta, _tb, _y, _args, _state, made_jump
             )
             return _y1, _dinfo, _state1
 
-        (_, dense_info, _), vjp_fn = _vjp(step_fn, (y0_, state0, params_diff, t_a, t_b))
+        times = (t_a, t_b) if want_times else (None, None)
+        (_, dense_info, _), vjp_fn = _vjp(
+            step_fn, (y0_, state0, params_diff, *times)
+        )
 
         def pullback(ybar1, sbar1, dinfo_bar):
             ybar0, sbar0, pbar, ta_bar, tb_bar = vjp_fn((ybar1, dinfo_bar, sbar1))
@@ -826,28 +832,20 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         dt0 = None if dt0 is None else lax.stop_gradient(dt0)
         ts_list = _saveat_ts(saveat)
         diff = (y0, args, terms, t0, t1, ts_list)
-        try:
-            (final_state, aux_stats), _ = _loop_reversible(
-                diff,
-                self=self,
-                solver=solver,
-                stepsize_controller=stepsize_controller,
-                event=event,
-                saveat=saveat,
-                dt0=dt0,
-                max_steps=max_steps,
-                init_state=init_state,
-                progress_meter=progress_meter,
-            )
-        except TypeError as e:
-            if "forward-mode" in str(e) or "jvp" in str(e).lower():
-                raise TypeError(
-                    "`ReversibleAdjoint` supports reverse-mode autodiff only "
-                    "(`jax.grad`, `jax.vjp`), not forward mode (`jax.jvp`, "
-                    "`jax.jacfwd`). For forward mode use "
-                    "`adjoint=diffrax.ForwardMode()`."
-                ) from e
-            raise
+        # The differentiable copy of `SaveAt.ts` travels in `diff`.
+        saveat = _replace_ts(saveat, [lax.stop_gradient(ts) for ts in ts_list])
+        (final_state, aux_stats), _ = _loop_reversible(
+            diff,
+            self=self,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+            event=event,
+            saveat=saveat,
+            dt0=dt0,
+            max_steps=max_steps,
+            init_state=init_state,
+            progress_meter=progress_meter,
+        )
         final_state = _only_transpose_ys(final_state)
         return final_state, aux_stats
 

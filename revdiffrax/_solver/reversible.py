@@ -120,7 +120,11 @@ def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
         )
 
 
-class Reversible(AbstractReversibleSolver[_SolverState], diffrax.AbstractAdaptiveSolver):
+class Reversible(
+    AbstractReversibleSolver[_SolverState],
+    diffrax.AbstractAdaptiveSolver,
+    diffrax.AbstractStratonovichSolver,
+):
     r"""The McCallum-Foster reversible method: makes any explicit single-step solver
     algebraically reversible, keeping its order of convergence.
 
@@ -144,7 +148,8 @@ class Reversible(AbstractReversibleSolver[_SolverState], diffrax.AbstractAdaptiv
     imaginary axis, at the price of amplifying rounding errors during reconstruction
     by about $1/\lambda$ per step.
 
-    For SDEs the base solver must converge to the Stratonovich solution and the
+    For SDEs the base solver must converge to the Stratonovich solution (Ito-only
+    solvers are refused), so `Reversible` is marked as a Stratonovich solver; the
     Brownian motion must be re-evaluable (e.g. `diffrax.VirtualBrownianTree`).
 
     ??? cite "Reference"
