@@ -13,4 +13,7 @@ from ._solver import (
 )
 
 
-__version__ = importlib.metadata.version("revdiffrax")
+try:
+    __version__ = importlib.metadata.version("revdiffrax")
+except importlib.metadata.PackageNotFoundError:  # used from a source checkout
+    __version__ = "0.0.0+unknown"
