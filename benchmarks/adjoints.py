@@ -156,6 +156,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-direct", action="store_true", help="skip DirectAdjoint")
     parser.add_argument("--max-n", type=int, default=10_000)
+    parser.add_argument("--sections", default="abc", help="which of (a), (b), (c)")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -184,20 +185,24 @@ def main(argv=None):
     field = make_field(2, 10, 1, key)
     y0 = jnp.array([1.0, 0.0])
     rows = []
-    for base in (diffrax.Midpoint(), diffrax.Tsit5()):
+    bases = (diffrax.Midpoint(), diffrax.Tsit5()) if "a" in args.sections else ()
+    for base in bases:
         solver = revdiffrax.Reversible(base)
         r, _ = run_case(
             f"(a) {type(base).__name__}", field, y0, solver, n_a, args.repeats,
             include_slow,
         )
         rows += r
-    print("## (a) white-dwarf-sized model (2-d state, MLP 10x1)\n")
-    print(table(rows, columns) + "\n")
+    if rows:
+        print("## (a) white-dwarf-sized model (2-d state, MLP 10x1)\n")
+        print(table(rows, columns) + "\n", flush=True)
 
     # (b) medium model.
     sizes = [n for n in (100, 1000, 10_000) if n <= args.max_n]
     if args.quick:
         sizes = [20, 200]
+    if "b" not in args.sections:
+        sizes = []
     field = make_field(16, 64, 2, key)
     y0 = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
     solver = revdiffrax.Reversible(diffrax.Tsit5())
@@ -210,10 +215,11 @@ def main(argv=None):
         )
         rows += r
         temps[n] = res["reversible"]["temp_bytes"]
-    print("## (b) medium model (batch 64 in y, 16-d state, MLP 64x2, Tsit5)\n")
-    print(table(rows, columns) + "\n")
-    lo, hi = min(sizes), max(sizes)
-    if temps[lo] is not None:
+    if sizes:
+        print("## (b) medium model (batch 64 in y, 16-d state, MLP 64x2, Tsit5)\n")
+        print(table(rows, columns) + "\n", flush=True)
+    lo, hi = (min(sizes), max(sizes)) if sizes else (None, None)
+    if sizes and temps[lo] is not None:
         buffer = (hi - lo) * 8  # one float64 step time per extra step
         print(
             f"Reversible temp memory: N={lo}: {fmt_bytes(temps[lo])}, N={hi}: "
@@ -222,6 +228,8 @@ def main(argv=None):
             f"{(temps[hi] - buffer) / temps[lo] - 1:+.1%}.\n"
         )
 
+    if "c" not in args.sections:
+        return
     # (c) vmap over initial conditions against the batch inside y.
     n_c = 100 if args.quick else 1000
     batch = 256

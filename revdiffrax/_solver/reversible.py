@@ -84,6 +84,51 @@ class _InterpolationFactory(eqx.Module):
         )
 
 
+def _is_plain_erk(solver) -> bool:
+    return (
+        isinstance(solver, diffrax.AbstractERK)
+        and isinstance(solver.tableau, diffrax.ButcherTableau)
+        and not solver.tableau.implicit
+    )
+
+
+def _erk_step(tableau, terms, t0, t1, y0, args):
+    """One explicit Runge-Kutta step with the stages unrolled.
+
+    Same method (tableau, error estimate, dense information `dict(y0, y1, k)`) as
+    diffrax's `AbstractRungeKutta.step` with `made_jump=True`, which runs the stages
+    in a while loop. Unrolled, XLA fuses each step into a few kernels, which matters
+    because the reversible scheme makes two such steps, and two more under
+    `jax.vjp` on the backward pass, per step of the solve.
+    """
+    dtype = jnp.result_type(*jtu.tree_leaves(y0))
+    dt_control = terms.contr(t0, t1)
+
+    def coeffs_dot(coeffs, ks):
+        out = None
+        for c, k in zip(coeffs, ks):
+            if c == 0:
+                continue
+            term = jtu.tree_map(lambda x: jnp.asarray(c, dtype) * x, k)
+            out = term if out is None else _add(out, term)
+        return out
+
+    ks = []
+    for i in range(tableau.num_stages):
+        if i == 0:
+            ti, yi = t0, y0
+        else:
+            ti = t0 + tableau.c[i - 1] * (t1 - t0)
+            incr = coeffs_dot(tableau.a_lower[i - 1], ks)
+            yi = y0 if incr is None else _add(y0, incr)
+        ks.append(terms.vf_prod(ti, yi, args, dt_control))
+    increment = coeffs_dot(tableau.b_sol, ks)
+    error = coeffs_dot(tableau.b_error, ks)
+    y1 = _add(y0, increment)
+    k = jtu.tree_map(lambda *x: jnp.stack(x), *ks)
+    return increment, error, dict(y0=y0, y1=y1, k=k)
+
+
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
     name = type(solver).__name__
     if isinstance(solver, AbstractReversibleSolver) or isinstance(
@@ -225,6 +270,11 @@ class Reversible(
         # base steps start from different points (z_n, then y_{n+1}), so a stage
         # carried over from the previous base step would be wrong. This leaves the
         # user's solver object untouched.
+        if _is_plain_erk(self.solver):
+            increment, error, dense_info = _erk_step(
+                self.solver.tableau, terms, t0, t1, u, args
+            )
+            return increment, error, dense_info, diffrax.RESULTS.successful
         u1, error, dense_info, _, result = self.solver.step(
             terms, t0, t1, u, args, base_state, True
         )

@@ -1,0 +1,441 @@
+"""Gradients of `ReversibleAdjoint` against `RecursiveCheckpointAdjoint` through the
+same solver (float64), finite differences for time gradients, float32 behaviour,
+memory, transformations and error messages."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import revdiffrax
+
+
+jax.config.update("jax_enable_x64", True)
+
+RCA = diffrax.RecursiveCheckpointAdjoint()
+REV = revdiffrax.ReversibleAdjoint()
+
+
+def rel_err(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and len(la) > 0
+    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
+    den = max(float(jnp.max(jnp.abs(y))) for y in lb)
+    return num / den
+
+
+def vf(t, y, args):
+    return -args * y + jnp.sin(t) * y**2
+
+
+Y0 = jnp.array([1.0, 0.5])
+A = jnp.array(0.7)
+
+
+class PyTreeField(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        out = self.mlp(jnp.concatenate([jnp.reshape(t, (1,)), y["a"], y["b"]]))
+        return {"a": out[:1] * args, "b": -y["b"] + jnp.sin(3 * out[1:])}
+
+
+MLP_FIELD = PyTreeField(
+    eqx.nn.MLP(3, 2, 8, 2, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+)
+PY0 = {"a": jnp.array([0.3]), "b": jnp.array([1.0])}
+TS = jnp.array([0.0, 0.1, 0.37, 1.2, 1.9, 2.0])
+
+SOLVERS = {
+    "Reversible(Euler)": revdiffrax.Reversible(diffrax.Euler()),
+    "Reversible(Midpoint)": revdiffrax.Reversible(diffrax.Midpoint()),
+    "Reversible(Heun)": revdiffrax.Reversible(diffrax.Heun()),
+    "Reversible(Ralston)": revdiffrax.Reversible(diffrax.Ralston()),
+    "Reversible(Bosh3)": revdiffrax.Reversible(diffrax.Bosh3()),
+    "Reversible(Tsit5)": revdiffrax.Reversible(diffrax.Tsit5()),
+    "Reversible(Dopri5)": revdiffrax.Reversible(diffrax.Dopri5()),
+    "Reversible(Dopri8)": revdiffrax.Reversible(diffrax.Dopri8()),
+    "Reversible(Tsit5, 0.9)": revdiffrax.Reversible(diffrax.Tsit5(), coupling=0.9),
+    "ReversibleHeun": revdiffrax.ReversibleHeun(),
+    "LeapfrogMidpoint": revdiffrax.LeapfrogMidpoint(),
+}
+ADAPTIVE = {k for k in SOLVERS if "Euler)" not in k and "Leapfrog" not in k}
+
+SAVEATS = {
+    "t1": diffrax.SaveAt(t1=True),
+    "t0t1": diffrax.SaveAt(t0=True, t1=True),
+    "ts": diffrax.SaveAt(ts=TS),
+    "steps": diffrax.SaveAt(steps=True),
+    "steps3": diffrax.SaveAt(steps=3, t0=True, t1=True),
+    "fn+subs": diffrax.SaveAt(
+        subs=[
+            diffrax.SubSaveAt(ts=TS[1:4], fn=lambda t, y, a: y["a"] * t),
+            diffrax.SubSaveAt(t0=True, t1=True, fn=lambda t, y, a: y["b"] ** 2),
+        ]
+    ),
+}
+
+
+def pytree_loss(params, y0, solver, saveat, controller, adjoint):
+    field, a = params
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        0.0,
+        2.0,
+        None if isinstance(controller, diffrax.StepTo) else 0.05,
+        y0,
+        args=a,
+        saveat=saveat,
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=400,
+    )
+    leaves = jax.tree_util.tree_leaves(sol.ys)
+    # Unused `steps` slots hold inf; they are not part of the loss.
+    return sum(jnp.sum(jnp.where(jnp.isfinite(x), jnp.cos(x), 0.0)) for x in leaves)
+
+
+def _grads(solver, saveat, controller):
+    p = (MLP_FIELD, jnp.array(0.8))
+    g = eqx.filter_grad(pytree_loss)
+    g_rev = g(p, PY0, solver, saveat, controller, REV)
+    g_rca = g(p, PY0, solver, saveat, controller, RCA)
+    return g_rev, g_rca
+
+
+def simple_loss(y0, a, solver, saveat, controller, adjoint):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), solver, 0.0, 2.0, 0.05, y0, args=a, saveat=saveat,
+        stepsize_controller=controller, adjoint=adjoint, max_steps=400,
+    )
+    return jnp.sum(jnp.sin(sol.ys))
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_every_solver(name):
+    solver = SOLVERS[name]
+    controllers = [diffrax.ConstantStepSize()]
+    if name in ADAPTIVE:
+        controllers.append(diffrax.PIDController(rtol=1e-4, atol=1e-6))
+    g = jax.grad(simple_loss, argnums=(0, 1))
+    for controller in controllers:
+        saveat = diffrax.SaveAt(ts=TS, t1=True)
+        g_rev = g(Y0, A, solver, saveat, controller, REV)
+        g_rca = g(Y0, A, solver, saveat, controller, RCA)
+        assert rel_err(g_rev, g_rca) < 1e-9
+
+
+def test_pid_really_rejects_steps():
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(MLP_FIELD), SOLVERS["Reversible(Bosh3)"], 0.0, 2.0, 0.05,
+        PY0, args=0.8, stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
+        adjoint=REV, max_steps=400,
+    )
+    assert int(sol.stats["num_rejected_steps"]) > 0
+
+
+@pytest.mark.parametrize("saveat_name", sorted(SAVEATS))
+def test_saveat_modes_pytree_mlp_pid(saveat_name):
+    controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+    g_rev, g_rca = _grads(SOLVERS["Reversible(Tsit5)"], SAVEATS[saveat_name], controller)
+    assert rel_err(g_rev, g_rca) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [diffrax.ConstantStepSize(), diffrax.StepTo(jnp.linspace(0.0, 2.0, 23))],
+    ids=["constant", "stepto"],
+)
+def test_other_controllers_pytree_mlp(controller):
+    g_rev, g_rca = _grads(SOLVERS["Reversible(Bosh3)"], SAVEATS["ts"], controller)
+    assert rel_err(g_rev, g_rca) < 1e-9
+
+
+def time_loss(t0, t1, ts, adjoint, controller):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], t0, t1,
+        None if isinstance(controller, diffrax.StepTo) else 0.05,
+        Y0, args=A, saveat=diffrax.SaveAt(ts=ts, t1=True),
+        stepsize_controller=controller, adjoint=adjoint,
+    )
+    return jnp.sum(jnp.sin(sol.ys))
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        diffrax.ConstantStepSize(),
+        diffrax.PIDController(rtol=1e-7, atol=1e-7),
+        diffrax.StepTo(jnp.linspace(0.0, 0.97, 13)),
+    ],
+    ids=["constant", "pid", "stepto"],
+)
+def test_time_gradients(controller):
+    ts = jnp.array([0.2, 0.33, 0.61, 0.9])
+    grad = jax.grad(time_loss, argnums=(0, 1, 2))
+    g_rev = grad(0.0, 0.97, ts, REV, controller)
+    g_rca = grad(0.0, 0.97, ts, RCA, controller)
+    assert rel_err(g_rev, g_rca) < 1e-9
+    eps = 1e-6
+    for i in range(len(ts)):
+        plus = time_loss(0.0, 0.97, ts.at[i].add(eps), RCA, controller)
+        minus = time_loss(0.0, 0.97, ts.at[i].add(-eps), RCA, controller)
+        assert abs(g_rev[2][i] - (plus - minus) / (2 * eps)) < 1e-6
+    if isinstance(controller, diffrax.ConstantStepSize):
+        # 0.97 / 0.05 is not an integer, so the number of steps does not change.
+        plus = time_loss(0.0, 0.97 + eps, ts, RCA, controller)
+        minus = time_loss(0.0, 0.97 - eps, ts, RCA, controller)
+        assert abs(g_rev[1] - (plus - minus) / (2 * eps)) < 1e-6
+
+
+def test_t0_equals_t1():
+    def loss(y0, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.5, 0.5, 0.05, y0,
+            args=A, saveat=diffrax.SaveAt(ts=jnp.array([0.5, 0.5]), t0=True, t1=True),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    g = jax.grad(loss)(Y0, REV)
+    assert np.allclose(g, jax.grad(loss)(Y0, RCA))
+    assert np.allclose(g, 8 * Y0)
+
+
+def test_backwards_in_time():
+    def loss(y0, t1, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 1.0, t1, -0.05, y0,
+            args=A, saveat=diffrax.SaveAt(ts=jnp.array([0.9, 0.5, 0.1]), t1=True),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    g = jax.grad(loss, argnums=(0, 1))
+    assert rel_err(g(Y0, -0.3, REV), g(Y0, -0.3, RCA)) < 1e-9
+
+
+def _pid_loss(y0, adjoint):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, None, y0,
+        args=A, stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        adjoint=adjoint,
+    )
+    return jnp.sum(sol.ys**2)
+
+
+def test_jit_vmap_of_grad_and_grad_of_vmap():
+    ys = jnp.stack([Y0, 2 * Y0, 0.1 * Y0])
+    expected = jax.vmap(jax.grad(_pid_loss), in_axes=(0, None))(ys, RCA)
+    vg = jax.jit(jax.vmap(jax.grad(_pid_loss), in_axes=(0, None)))(ys, REV)
+    gv = jax.grad(lambda y: jnp.sum(jax.vmap(_pid_loss, in_axes=(0, None))(y, REV)))(ys)
+    assert rel_err(vg, expected) < 1e-9
+    assert rel_err(gv, expected) < 1e-9
+
+
+def test_closure_over_traced_parameter():
+    # The vector field closes over a value traced by `jax.jit`/`jax.grad`.
+    def loss(a, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: -a * y), SOLVERS["Reversible(Tsit5)"],
+            0.0, 1.0, 0.1, Y0, adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys)
+
+    g = jax.jit(jax.grad(loss), static_argnums=1)
+    assert rel_err(g(A, REV), g(A, RCA)) < 1e-9
+
+
+def _sde_loss(y0, p, solver, adjoint, additive):
+    bm = diffrax.VirtualBrownianTree(
+        0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.PRNGKey(0),
+        levy_area=diffrax.SpaceTimeLevyArea,
+    )
+
+    def diffusion(t, y, a):
+        scale = jnp.ones_like(y) if additive else jnp.sin(y)
+        return lx.DiagonalLinearOperator(0.3 * scale * a)
+
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, a: -a * y), diffrax.ControlTerm(diffusion, bm)
+    )
+    sol = diffrax.diffeqsolve(
+        terms, solver, 0.0, 1.0, 0.05, y0, args=p, adjoint=adjoint,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0, 1, 6)),
+    )
+    return jnp.sum(sol.ys**2)
+
+
+@pytest.mark.parametrize(
+    "base,additive",
+    [
+        (diffrax.Heun(), False),
+        (diffrax.Midpoint(), False),
+        (diffrax.SlowRK(), False),
+        (diffrax.SPaRK(), False),
+        (diffrax.ShARK(), True),
+        (None, False),
+    ],
+    ids=["Heun", "Midpoint", "SlowRK", "SPaRK", "ShARK", "ReversibleHeun"],
+)
+def test_sde(base, additive):
+    solver = revdiffrax.ReversibleHeun() if base is None else revdiffrax.Reversible(base)
+    g = jax.grad(_sde_loss, argnums=(0, 1))
+    g_rev = g(Y0, A, solver, REV, additive)
+    g_rca = g(Y0, A, solver, RCA, additive)
+    assert rel_err(g_rev, g_rca) < 1e-9
+
+
+def test_cde_gradient_flows_to_data():
+    ts = jnp.sort(jax.random.uniform(jax.random.PRNGKey(1), (20,)))
+    ts = ts.at[0].set(0.0).at[-1].set(1.0)
+    xs = jnp.stack([ts, jnp.sin(6 * ts)], -1)
+
+    def loss(xs, p, adjoint):
+        path = diffrax.LinearInterpolation(ts, xs)
+        term = diffrax.ControlTerm(
+            lambda t, y, a: jnp.tanh(a * jnp.outer(y, jnp.ones(2))), path
+        )
+        sol = diffrax.diffeqsolve(
+            term, SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.02, jnp.array([0.5, 1.0]),
+            args=p, adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    g = jax.grad(loss, argnums=(0, 1))
+    g_rev = g(xs, jnp.array(0.7), REV)
+    assert rel_err(g_rev, g(xs, jnp.array(0.7), RCA)) < 1e-9
+    assert float(jnp.max(jnp.abs(g_rev[0]))) > 0
+
+
+def test_semi_implicit_euler():
+    def loss(y0, adjoint):
+        terms = (
+            diffrax.ODETerm(lambda t, v, a: v),
+            diffrax.ODETerm(lambda t, x, a: -jnp.sin(x)),
+        )
+        sol = diffrax.diffeqsolve(
+            terms, revdiffrax.SemiImplicitEuler(), 0.0, 2.0, 0.05, y0, adjoint=adjoint,
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0, 2, 5)),
+        )
+        return jnp.sum(sol.ys[0] ** 2 + sol.ys[1])
+
+    y0 = (jnp.array([0.3]), jnp.array([1.0]))
+    assert rel_err(jax.grad(loss)(y0, REV), jax.grad(loss)(y0, RCA)) < 1e-9
+
+
+def test_float32_tolerance():
+    # In float32 the reconstruction rounds at ~1e-7 per step and is amplified by
+    # about 1/coupling per step; 100 steps keep the gradient within 1e-4.
+    field = eqx.nn.MLP(3, 2, 8, 1, activation=jnp.tanh, key=jax.random.PRNGKey(3))
+    field = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, field
+    )
+
+    def loss(m, y0, adjoint, dtype):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: m(jnp.concatenate([jnp.reshape(t, (1,)), y]))),
+            SOLVERS["Reversible(Tsit5)"], jnp.asarray(0.0, dtype), jnp.asarray(1.0, dtype),
+            jnp.asarray(0.01, dtype), y0, adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    y32 = jnp.array([1.0, -0.5], dtype=jnp.float32)
+    m64 = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, field
+    )
+    ref = eqx.filter_grad(loss)(m64, y32.astype(jnp.float64), RCA, jnp.float64)
+    g_rev = eqx.filter_grad(loss)(field, y32, REV, jnp.float32)
+    g_rca = eqx.filter_grad(loss)(field, y32, RCA, jnp.float32)
+    assert jax.tree_util.tree_leaves(g_rev)[0].dtype == jnp.float32
+    assert rel_err(g_rev, ref) < 1e-4
+    assert rel_err(g_rev, ref) < 100 * max(rel_err(g_rca, ref), 1e-7)
+
+
+def test_drift_diagnostics():
+    drifts = []
+    jax.grad(_pid_loss)(Y0, revdiffrax.ReversibleAdjoint(drift_callback=drifts.append))
+    assert len(drifts) == 1 and 0 <= float(drifts[0]) < 1e-12
+    with pytest.raises(Exception, match="drift_tol"):
+        jax.block_until_ready(
+            jax.grad(_pid_loss)(Y0, revdiffrax.ReversibleAdjoint(drift_tol=-1.0))
+        )
+
+
+def test_memory_flat_in_number_of_steps():
+    field = eqx.nn.MLP(5, 4, 16, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+    params, static = eqx.partition(field, eqx.is_inexact_array)
+    y0 = jnp.ones((8, 4))
+
+    def temp_bytes(n, adjoint):
+        def loss(p):
+            m = eqx.combine(p, static)
+            f = lambda t, y, a: jax.vmap(lambda yi: m(jnp.concatenate([t[None], yi])))(y)  # noqa: E731
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(f), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 1.0 / n,
+                y0, adjoint=adjoint, max_steps=n,
+            )
+            return jnp.sum(sol.ys**2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(50, REV), temp_bytes(5000, REV)
+    step_time_buffer = (5000 - 50) * 8
+    assert large - step_time_buffer <= 1.1 * small
+    # Storing every step (DirectAdjoint) grows with N.
+    assert temp_bytes(5000, diffrax.DirectAdjoint()) > 5 * large
+
+
+def test_progress_meter_and_throw():
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.1, Y0, args=A,
+        adjoint=REV, progress_meter=diffrax.TextProgressMeter(minimum_increase=0.5),
+    )
+    assert sol.ys.shape == (1, 2)
+    with pytest.raises(Exception, match="max_steps"):
+        diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.01, Y0,
+            args=A, adjoint=REV, max_steps=10,
+        )
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.01, Y0,
+        args=A, adjoint=REV, max_steps=10, throw=False,
+    )
+    assert sol.result == diffrax.RESULTS.max_steps_reached
+
+
+def _solve(solver=SOLVERS["Reversible(Tsit5)"], **kwargs):
+    kw = dict(args=A, adjoint=REV)
+    kw.update(kwargs)
+    return diffrax.diffeqsolve(diffrax.ODETerm(vf), solver, 0.0, 1.0, 0.1, Y0, **kw)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"revdiffrax.Reversible\(diffrax.Tsit5\(\)\)"):
+        _solve(diffrax.Tsit5())
+    with pytest.raises(ValueError, match="max_steps=4096"):
+        _solve(max_steps=None)
+    with pytest.raises(NotImplementedError, match="events"):
+        _solve(event=diffrax.Event(lambda t, y, args, **kw: t > 0.5))
+    with pytest.raises(NotImplementedError, match="SaveAt\\(ts=...\\)"):
+        _solve(saveat=diffrax.SaveAt(dense=True))
+    with pytest.raises(ValueError, match="ConstantStepSize"):
+        _solve(revdiffrax.LeapfrogMidpoint(),
+               stepsize_controller=diffrax.StepTo(jnp.linspace(0, 1, 5)), dt0=None)
+    bm = diffrax.UnsafeBrownianPath(shape=(2,), key=jax.random.PRNGKey(0))
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(vf), diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(y), bm)
+    )
+    with pytest.raises(ValueError, match="VirtualBrownianTree"):
+        diffrax.diffeqsolve(terms, revdiffrax.Reversible(diffrax.Heun()), 0.0, 1.0, 0.1,
+                            Y0, args=A, adjoint=REV)
+
+
+def test_forward_mode_is_refused():
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda y: _pid_loss(y, REV), (Y0,), (Y0,))
