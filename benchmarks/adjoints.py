@@ -157,6 +157,10 @@ def main(argv=None):
     parser.add_argument("--no-direct", action="store_true", help="skip DirectAdjoint")
     parser.add_argument("--max-n", type=int, default=10_000)
     parser.add_argument("--sections", default="abc", help="which of (a), (b), (c)")
+    parser.add_argument(
+        "--memory-n", type=int, default=10_000,
+        help="also compile (not run) model (b) at this N and report temp memory",
+    )
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -227,6 +231,29 @@ def main(argv=None):
             f"of which the step-time buffer is {buffer} bytes; growth without it "
             f"{(temps[hi] - buffer) / temps[lo] - 1:+.1%}.\n"
         )
+
+    if "b" in args.sections and args.memory_n and not args.quick:
+        field = make_field(16, 64, 2, key)
+        y0 = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+        params, static = eqx.partition(field, eqx.is_inexact_array)
+        mem_rows = []
+        for n in sorted({100, args.memory_n}):
+            for adj_name, adj in adjoints(n, include_slow=False).items():
+                def loss(p, y, adj=adj, n=n):
+                    f = eqx.combine(p, static)
+                    return jnp.mean(solve(f, y, solver, n, adj) ** 2)
+
+                compiled = jax.jit(jax.grad(loss)).lower(params, y0).compile()
+                m = compiled.memory_analysis()
+                mem_rows.append(
+                    {
+                        "N": n,
+                        "adjoint": adj_name,
+                        "temp memory": fmt_bytes(None if m is None else m.temp_size_in_bytes),
+                    }
+                )
+        print("## (b) compiled temp memory only (not run)\n")
+        print(table(mem_rows, ["N", "adjoint", "temp memory"]) + "\n", flush=True)
 
     if "c" not in args.sections:
         return
