@@ -14,15 +14,6 @@ def test_coupling_out_of_range(coupling):
         revdiffrax.Reversible(diffrax.Tsit5(), coupling=coupling)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "Bug in revdiffrax/_solver/reversible.py (Reversible.__check_init__): the "
-        "range check only runs for Python int/float, so NumPy scalars such as "
-        "np.float32(1.5) (not a float subclass) and JAX arrays pass unchecked."
-    ),
-)
 @pytest.mark.parametrize(
     "coupling",
     [np.float32(1.5), np.float32(0.0), np.int64(2), jnp.array(1.5)],

@@ -300,25 +300,12 @@ def test_reversible_cde(solver):
     _check_roundtrip(solver, term, y0, [g() for g in GRIDS.values()])
 
 
-_FLOAT32_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, ValueError),
-    reason=(
-        "Bug in revdiffrax/_solver/reversible.py (_erk_step, used for every plain "
-        "explicit RK base since 82a012a): `ti = t0 + tableau.c[i - 1] * (t1 - t0)` "
-        "multiplies by a NumPy float64 coefficient, so with x64 enabled the stage "
-        "times, the vector field values and y1 / z1 / error become float64 for "
-        "float32 input (diffrax casts c to jnp.result_type(t0, t1))."
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "solver",
     [
         revdiffrax.Reversible(diffrax.Euler()),
-        pytest.param(revdiffrax.Reversible(diffrax.Heun()), marks=_FLOAT32_BUG),
-        pytest.param(revdiffrax.Reversible(diffrax.Tsit5()), marks=_FLOAT32_BUG),
+        revdiffrax.Reversible(diffrax.Heun()),
+        revdiffrax.Reversible(diffrax.Tsit5()),
         revdiffrax.ReversibleHeun(),
         revdiffrax.LeapfrogMidpoint(),
     ],
@@ -353,7 +340,7 @@ def test_float32_semi_implicit_euler():
     "solver",
     [
         revdiffrax.Reversible(diffrax.Euler()),
-        pytest.param(revdiffrax.Reversible(diffrax.Tsit5()), marks=_FLOAT32_BUG),
+        revdiffrax.Reversible(diffrax.Tsit5()),
     ],
     ids=["Reversible(Euler)", "Reversible(Tsit5)"],
 )

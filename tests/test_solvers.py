@@ -198,7 +198,7 @@ def _sie_terms():
 
 
 ADJOINT_CASES = {
-    # Adaptive steps (and an FSAL base): saves only at t1, see the xfail test below.
+    # Adaptive steps (and an FSAL base): saves only at t1, see the vmap dense-output gradient test below.
     "Reversible(Tsit5)+PID": (
         revdiffrax.Reversible(diffrax.Tsit5()),
         diffrax.ODETerm(lambda t, y, args: -args * y + jnp.sin(t) * y**2),
@@ -296,16 +296,6 @@ def test_diffrax_adjoints(name):
         np.testing.assert_allclose(g_da[0], fd, rtol=rtol)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Bug in revdiffrax/_solver/reversible.py (_ReversibleInterpolation.evaluate): "
-        "s = (t0 - self.t0) / (self.t1 - self.t0) divides by zero on the zero-length "
-        "steps diffrax takes for already-finished batch elements under vmap, giving "
-        "NaN gradients; diffrax's own interpolations use diffrax._misc.linear_rescale."
-    ),
-)
 def test_dense_output_gradient_under_vmap_with_adaptive_steps():
     solver = revdiffrax.Reversible(diffrax.Heun())
 

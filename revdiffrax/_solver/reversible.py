@@ -9,6 +9,7 @@ import jax.tree_util as jtu
 from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
 from diffrax._heuristics import is_sde
 from diffrax._local_interpolation import AbstractLocalInterpolation
+from diffrax._misc import linear_rescale
 from jaxtyping import Array, PyTree
 
 from .base import AbstractReversibleSolver
@@ -59,7 +60,9 @@ class _ReversibleInterpolation(AbstractLocalInterpolation):
         if t1 is not None:
             return _sub(self.evaluate(t1), self.evaluate(t0))
         with jax.numpy_dtype_promotion("standard"):
-            s = (t0 - self.t0) / (self.t1 - self.t0)
+            # `linear_rescale` guards the zero-length steps that diffrax takes for
+            # batch elements that have already finished under `jax.vmap`.
+            s = linear_rescale(self.t0, t0, self.t1)
             b = self.base.evaluate(t0)
             return jtu.tree_map(
                 lambda bi, oi, di: (bi + oi + s * di).astype(bi.dtype),
@@ -102,6 +105,7 @@ def _erk_step(tableau, terms, t0, t1, y0, args):
     `jax.vjp` on the backward pass, per step of the solve.
     """
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
+    time_dtype = jnp.result_type(t0, t1)
     dt_control = terms.contr(t0, t1)
 
     def coeffs_dot(coeffs, ks):
@@ -118,7 +122,7 @@ def _erk_step(tableau, terms, t0, t1, y0, args):
         if i == 0:
             ti, yi = t0, y0
         else:
-            ti = t0 + tableau.c[i - 1] * (t1 - t0)
+            ti = t0 + jnp.asarray(tableau.c[i - 1], time_dtype) * (t1 - t0)
             incr = coeffs_dot(tableau.a_lower[i - 1], ks)
             yi = y0 if incr is None else _add(y0, incr)
         ks.append(terms.vf_prod(ti, yi, args, dt_control))
@@ -131,6 +135,7 @@ def _erk_step(tableau, terms, t0, t1, y0, args):
 
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
     name = type(solver).__name__
+    hint = repr(solver) if isinstance(solver, Reversible) else f"revdiffrax.{name}()"
     if isinstance(solver, AbstractReversibleSolver) or isinstance(
         solver,
         (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint, diffrax.SemiImplicitEuler),
@@ -138,7 +143,7 @@ def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
         raise ValueError(
             f"`{name}` is already reversible (or multistep), so it cannot be wrapped "
             "by `revdiffrax.Reversible`. Use it directly with "
-            f"`revdiffrax.ReversibleAdjoint()`: `revdiffrax.{name}()`."
+            f"`revdiffrax.ReversibleAdjoint()`: pass `{hint}` as the solver."
         )
     if isinstance(solver, diffrax.AbstractImplicitSolver):
         raise ValueError(
@@ -224,12 +229,19 @@ class Reversible(
             )
         _check_base_solver(self.solver)
         coupling = self.coupling
-        if isinstance(coupling, (int, float)) and not (0 < coupling <= 1):
-            raise ValueError(
-                f"`coupling` must lie in (0, 1], got {coupling}. Values close to 1 "
-                "(the default 0.999) keep the backward reconstruction accurate; "
-                "smaller values widen the stability region."
-            )
+        if not isinstance(coupling, jax.core.Tracer):
+            try:
+                value = float(coupling)
+            except TypeError as e:
+                raise ValueError(
+                    f"`coupling` must be a real number in (0, 1], got {coupling!r}."
+                ) from e
+            if not (0 < value <= 1):
+                raise ValueError(
+                    f"`coupling` must lie in (0, 1], got {coupling}. Values close to 1 "
+                    "(the default 0.999) keep the backward reconstruction accurate; "
+                    "smaller values widen the stability region."
+                )
 
     @property
     def term_structure(self):
