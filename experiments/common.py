@@ -185,7 +185,7 @@ class Problem:
     def dim(self) -> int:
         return self.ys.shape[1]
 
-    def solve(self, model, solver, adjoint):
+    def solve(self, model, solver, adjoint, saveat=None):
         """Solve with `model` as vector field, saving every step (`SaveAt(steps=True)`).
 
         Every step is saved rather than using `SaveAt(ts=...)`: with diffrax 0.7.2,
@@ -210,7 +210,7 @@ class Problem:
             dt0,
             jnp.asarray(self.ys[0]),
             args=model,
-            saveat=diffrax.SaveAt(steps=True),
+            saveat=saveat or diffrax.SaveAt(steps=True),
             stepsize_controller=controller,
             adjoint=adjoint,
             max_steps=max_steps,
@@ -224,6 +224,12 @@ class Problem:
         the step times treated as constants (diffrax's PID controller does not
         differentiate through step sizes either).
         """
+        if isinstance(adjoint, diffrax.BacksolveAdjoint):
+            # BacksolveAdjoint does not support SaveAt(steps=True) (and is not
+            # affected by the SaveAt(ts=...) checkpointing bug).
+            saveat = diffrax.SaveAt(ts=jnp.asarray(self.ts))
+            sol = self.solve(model, solver, adjoint, saveat)
+            return sol.ys, sol.stats["num_accepted_steps"]
         sol = self.solve(model, solver, adjoint)
         y0 = jnp.asarray(self.ys[0])
         ts = jnp.concatenate([jnp.asarray(self.ts[:1]), sol.ts])

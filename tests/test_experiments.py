@@ -93,6 +93,15 @@ def test_double_pendulum_quick_simulated(tmp_path):
     np.testing.assert_array_equal(data[:, 4:6], data[:, 6:8])  # repeated omegas
 
 
+def test_backsolve_runs(tmp_path):
+    # BacksolveAdjoint (approximate gradients) runs; it saves at the data times.
+    result = white_dwarf.main(["--quick", "--iters", "2", "--out", str(tmp_path),
+                               "--no-progress", "--no-plots", "--adjoint", "backsolve"])
+    (run,) = result["runs"]
+    assert run["adjoint"] == "backsolve"
+    assert all(math.isfinite(x) for x in run["losses"])
+
+
 def test_unknown_adjoint_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
         white_dwarf.main(["--quick", "--out", str(tmp_path), "--adjoint", "nope"])
