@@ -439,3 +439,21 @@ def test_errors_name_the_fix():
 def test_forward_mode_is_refused():
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(lambda y: _pid_loss(y, REV), (Y0,), (Y0,))
+
+
+def test_dense_saveat_ts_against_direct_adjoint():
+    # With one save time per step, diffrax 0.7.2's RecursiveCheckpointAdjoint is off
+    # by up to 1e-2 for most checkpoint counts (`python -m
+    # experiments.check_gradients`); DirectAdjoint stores everything and is the
+    # reference here.
+    ts = jnp.linspace(0.0, 2.0, 41)
+
+    def loss(y0, a, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), SOLVERS["Reversible(Midpoint)"], 0.0, 2.0, 0.05, y0,
+            args=a, saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=40,
+        )
+        return jnp.mean((sol.ys - 0.5) ** 2)
+
+    g = jax.grad(loss, argnums=(0, 1))
+    assert rel_err(g(Y0, A, REV), g(Y0, A, diffrax.DirectAdjoint())) < 1e-9
