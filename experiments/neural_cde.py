@@ -38,7 +38,7 @@ from .common import fmt_bytes, machine_info  # noqa: E402
 
 
 def make_spirals(key, num_samples: int, num_obs: int):
-    """Irregularly sampled spirals; returns times (B, L), values (B, L, 3), labels (B,)."""
+    """Irregularly sampled spirals: times (B, L), values (B, L, 3), labels (B,)."""
     kt, kl, kphase, knoise, kr = jr.split(key, 5)
     # Per-sample random observation times in [0, 1], first and last fixed.
     ts = jnp.sort(jr.uniform(kt, (num_samples, num_obs)), axis=1)
@@ -95,7 +95,9 @@ def logit(model, ts, values, adjoint, num_steps):
 def make_step(static, optim, adjoint, num_steps):
     def loss_fn(params, ts, values, labels):
         model = eqx.combine(params, static)
-        logits = jax.vmap(lambda t, v: logit(model, t, v, adjoint, num_steps))(ts, values)
+        logits = jax.vmap(lambda t, v: logit(model, t, v, adjoint, num_steps))(
+            ts, values
+        )
         loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
         acc = jnp.mean((logits > 0) == (labels > 0.5))
         return loss, acc
@@ -158,7 +160,9 @@ def run(quick: bool, seed: int = 0, compare: bool | None = None) -> dict:
             compile_s=time.perf_counter() - t0,
         )
     step = compiled["reversible"]
-    evaluate = make_step(static, optim, revdiffrax.ReversibleAdjoint(), cfg["num_steps"])[1]
+    _, evaluate = make_step(
+        static, optim, revdiffrax.ReversibleAdjoint(), cfg["num_steps"]
+    )
 
     test_loss0, test_acc0 = (float(x) for x in evaluate(params, *test))
     t_start = time.perf_counter()
@@ -191,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--compare", action=argparse.BooleanOptionalAction, default=None,
-        help="also compile/time RecursiveCheckpointAdjoint (default: on unless --quick)",
+        help="also compile/time RecursiveCheckpointAdjoint (default: unless --quick)",
     )
-    parser.add_argument("--out", default="out/neural_cde", help="directory for results.json")
+    parser.add_argument(
+        "--out", default="out/neural_cde", help="directory for results.json"
+    )
     args = parser.parse_args(argv)
     result = run(args.quick, args.seed, args.compare)
     os.makedirs(args.out, exist_ok=True)
@@ -201,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         json.dump(result, f, indent=2)
     print(
         f"test accuracy {result['initial_test_accuracy']:.3f} -> "
-        f"{result['final_test_accuracy']:.3f}, test loss {result['initial_test_loss']:.4f} "
+        f"{result['final_test_accuracy']:.3f}, test loss "
+        f"{result['initial_test_loss']:.4f} "
         f"-> {result['final_test_loss']:.4f} ({result['train_time_s']:.1f} s for "
         f"{len(result['train_losses'])} training steps)"
     )

@@ -5,8 +5,8 @@ in closed form: m(t) = mu + (x0 - mu) e^{-theta t}, v(t) = sigma^2 (1 - e^{-2 th
 / (2 theta). The model is a neural SDE dY = f(t, Y) dt + g(t, Y) o dW (small MLPs,
 diagonal noise, positive diffusion), solved with `revdiffrax.Reversible(diffrax.Heun())`
 on a `diffrax.VirtualBrownianTree` for each path. The loss compares the model's mean and
-standard deviation over a batch of paths with m and sqrt(v) at the observation times; gradients come
-from `revdiffrax.ReversibleAdjoint()`, optimisation from optax.
+standard deviation over a batch of paths with m and sqrt(v) at the observation
+times; gradients come from `revdiffrax.ReversibleAdjoint()`, optimisation from optax.
 
     python -m experiments.neural_sde --quick --out out/neural_sde
 """
@@ -63,14 +63,19 @@ def _drift(t, y, model):
 
 
 def _diffusion(t, y, model):
-    g = jax.nn.softplus(model.diffusion(jnp.concatenate([jnp.asarray(t, y.dtype)[None], y])))
+    ty = jnp.concatenate([jnp.asarray(t, y.dtype)[None], y])
+    g = jax.nn.softplus(model.diffusion(ty))
     return lx.DiagonalLinearOperator(g)
 
 
 def sample_paths(model, keys, ts, num_steps, adjoint):
     def one(key):
-        bm = diffrax.VirtualBrownianTree(0.0, T1, tol=T1 / (4 * num_steps), shape=(1,), key=key)
-        terms = diffrax.MultiTerm(diffrax.ODETerm(_drift), diffrax.ControlTerm(_diffusion, bm))
+        bm = diffrax.VirtualBrownianTree(
+            0.0, T1, tol=T1 / (4 * num_steps), shape=(1,), key=key
+        )
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(_drift), diffrax.ControlTerm(_diffusion, bm)
+        )
         sol = diffrax.diffeqsolve(
             terms, revdiffrax.Reversible(diffrax.Heun()), 0.0, T1, T1 / num_steps,
             jnp.array([X0]), args=model, adjoint=adjoint, max_steps=num_steps,
@@ -90,13 +95,15 @@ def moment_loss(model, keys, ts, num_steps, adjoint):
 def _moment_error(paths, mean, var):
     # Standard deviations rather than variances, so both terms have the same scale.
     m, v = jnp.mean(paths, 0), jnp.var(paths, 0)
-    return jnp.mean((m - mean) ** 2) + jnp.mean((jnp.sqrt(v + 1e-12) - jnp.sqrt(var)) ** 2)
+    std_error = jnp.sqrt(v + 1e-12) - jnp.sqrt(var)
+    return jnp.mean((m - mean) ** 2) + jnp.mean(std_error**2)
 
 
 def run(quick: bool, seed: int = 0) -> dict:
     cfg = dict(
         width=16, num_paths=64 if quick else 256, num_steps=20 if quick else 50,
-        num_obs=9, iters=60 if quick else 500, lr=2e-2, eval_paths=512 if quick else 2048,
+        num_obs=9, iters=60 if quick else 500, lr=2e-2,
+        eval_paths=512 if quick else 2048,
     )
     key = jr.PRNGKey(seed)
     kmodel, ktrain, keval = jr.split(key, 3)
@@ -108,7 +115,8 @@ def run(quick: bool, seed: int = 0) -> dict:
     adjoint = revdiffrax.ReversibleAdjoint()
 
     def loss_fn(params, keys):
-        return moment_loss(eqx.combine(params, static), keys, ts, cfg["num_steps"], adjoint)
+        model = eqx.combine(params, static)
+        return moment_loss(model, keys, ts, cfg["num_steps"], adjoint)
 
     @jax.jit
     def step(params, opt_state, keys):
@@ -119,7 +127,8 @@ def run(quick: bool, seed: int = 0) -> dict:
     @jax.jit
     def evaluate(params):
         keys = jr.split(keval, cfg["eval_paths"])
-        paths = sample_paths(eqx.combine(params, static), keys, ts, cfg["num_steps"], adjoint)
+        model = eqx.combine(params, static)
+        paths = sample_paths(model, keys, ts, cfg["num_steps"], adjoint)
         mean, var = ou_moments(ts)
         return _moment_error(paths, mean, var), jnp.mean(paths, 0), jnp.var(paths, 0)
 
@@ -149,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run (< 30 s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out/neural_sde", help="directory for results.json")
+    parser.add_argument(
+        "--out", default="out/neural_sde", help="directory for results.json"
+    )
     args = parser.parse_args(argv)
     result = run(args.quick, args.seed)
     os.makedirs(args.out, exist_ok=True)

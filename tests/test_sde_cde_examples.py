@@ -20,4 +20,5 @@ def test_neural_sde_quick(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["final_loss"] == result["final_loss"]
     assert result["final_loss"] < 0.2 * result["initial_loss"]
-    assert all(abs(a - b) < 0.1 for a, b in zip(result["learned_mean"], result["true_mean"]))
+    pairs = zip(result["learned_mean"], result["true_mean"])
+    assert all(abs(a - b) < 0.1 for a, b in pairs)

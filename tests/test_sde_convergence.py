@@ -9,7 +9,8 @@ Two test problems, both driven by a `VirtualBrownianTree` on [0, 1] with a toler
 far below the smallest step, so every step lands on the same Brownian path:
 
 - scalar multiplicative noise (commutative), nonlinear (on geometric Brownian
-  motion Heun and Midpoint coincide):  dY = a sqrt(1 + Y^2) dt + b sqrt(1 + Y^2) o dW, with the exact Stratonovich
+  motion Heun and Midpoint coincide):
+  dY = a sqrt(1 + Y^2) dt + b sqrt(1 + Y^2) o dW, with the exact Stratonovich
   solution Y_t = sinh(asinh(Y_0) + a t + b W_t), evaluated from the same tree;
 - additive noise (for ShARK, which needs it):  dY = (-Y + sin t) dt + s dW, against a
   fine ShARK reference solution on the same path.
@@ -110,9 +111,10 @@ def _order(errs):
 
 # Measured (float64, 64 paths, N = 8, 16, 32): strong orders base / reversible
 # Heun 0.86 / 0.85, SlowRK 1.51 / 1.54, ShARK 2.11 / 2.19, ReversibleHeun 0.91 (vs
-# Heun 0.86); reversible/base error ratios between 0.8 and 1.2. (With N up to 64
-# Heun measures 1.09 / 1.08: the 64-path estimate is noisy, hence the margins.) Reversible(Midpoint)
-# matches Midpoint the same way; it is left out to keep the suite fast.
+# Heun 0.86); reversible/base error ratios between 0.8 and 1.2. (On GBM, N to 64,
+# Heun measured 1.09 / 1.08: the 64-path estimate is noisy, hence the margins.)
+# Reversible(Midpoint) matches Midpoint the same way; left out to keep the suite
+# fast.
 CASES = [
     # (solver, problem, expected strong order of the base on this problem)
     ("Heun", "mult", 1.0),  # Stratonovich Heun: order 1 for commutative noise
@@ -203,8 +205,8 @@ def _forward_backward_defect_slope(solver, flip):
 
 
 def test_srk_forward_backward_step():
-    # Measured (64 paths, float64): ShARK slope ~3.6, SlowRK and SPaRK ~2.5; with the sign of
-    # H flipped on reversed intervals (`flip=True`) all three drop to ~1.5. Only
+    # Measured (64 paths, float64): ShARK slope ~3.6, SlowRK and SPaRK ~2.5; with the
+    # sign of H flipped on reversed intervals (`flip=True`) all three drop to ~1.5. Only
     # ShARK is run here to keep the suite fast.
     slope, d = _forward_backward_defect_slope(diffrax.ShARK(), flip=False)
     assert slope > 2.2, (slope, d)
@@ -230,7 +232,9 @@ class _NeuralSDE(eqx.Module):
 def _temp_bytes(num_steps):
     dim = 4
     params, static = eqx.partition(_NeuralSDE(dim, 16, jr.PRNGKey(1)), eqx.is_array)
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(dim,), key=jr.PRNGKey(2))
+    bm = diffrax.VirtualBrownianTree(
+        0.0, 1.0, tol=1e-3, shape=(dim,), key=jr.PRNGKey(2)
+    )
     y0 = jnp.ones(dim)
 
     def loss(params):
