@@ -290,13 +290,18 @@ def test_sde(base, additive):
     assert rel_err(g_rev, g_rca) < 1e-9
 
 
-def test_cde_gradient_flows_to_data():
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+def test_cde_gradient_flows_to_data(interpolation):
     ts = jnp.sort(jax.random.uniform(jax.random.PRNGKey(1), (20,)))
     ts = ts.at[0].set(0.0).at[-1].set(1.0)
     xs = jnp.stack([ts, jnp.sin(6 * ts)], -1)
 
     def loss(xs, p, adjoint):
-        path = diffrax.LinearInterpolation(ts, xs)
+        if interpolation == "linear":
+            path = diffrax.LinearInterpolation(ts, xs)
+        else:
+            coeffs = diffrax.backward_hermite_coefficients(ts, xs)
+            path = diffrax.CubicInterpolation(ts, coeffs)
         term = diffrax.ControlTerm(
             lambda t, y, a: jnp.tanh(a * jnp.outer(y, jnp.ones(2))), path
         )
@@ -310,6 +315,39 @@ def test_cde_gradient_flows_to_data():
     g_rev = g(xs, jnp.array(0.7), REV)
     assert rel_err(g_rev, g(xs, jnp.array(0.7), RCA)) < 1e-9
     assert float(jnp.max(jnp.abs(g_rev[0]))) > 0
+
+
+def test_sde_general_noise_and_pytree_brownian_motion():
+    key1, key2 = jax.random.split(jax.random.PRNGKey(4))
+    shape = {"w": jax.ShapeDtypeStruct((3,), jnp.float64),
+             "v": jax.ShapeDtypeStruct((), jnp.float64)}
+    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    mix = jax.random.normal(key2, (2, 3))
+
+    def diffusion(t, y, a):
+        # General (non-diagonal, non-commutative) noise from a PyTree Brownian motion.
+        return {"w": a * jnp.tanh(mix * y[:, None]), "v": a * jnp.cos(y)}
+
+    def prod(g, dw):
+        return g["w"] @ dw["w"] + g["v"] * dw["v"]
+
+    class Term(diffrax.ControlTerm):
+        def prod(self, vf, control):
+            return prod(vf, control)
+
+    def loss(y0, p, solver, adjoint):
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, y, a: -a * y), Term(diffusion, bm)
+        )
+        sol = diffrax.diffeqsolve(
+            terms, solver, 0.0, 1.0, 0.05, y0, args=p, adjoint=adjoint,
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0, 1, 4)),
+        )
+        return jnp.sum(sol.ys**2)
+
+    g = jax.grad(loss, argnums=(0, 1))
+    for solver in (revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()):
+        assert rel_err(g(Y0, A, solver, REV), g(Y0, A, solver, RCA)) < 1e-9
 
 
 def test_semi_implicit_euler():
