@@ -236,9 +236,11 @@ def _convert_terms(terms, t, y, args):
             )
         return term
 
-    return jtu.tree_map(
-        convert, terms, is_leaf=lambda x: isinstance(x, diffrax.AbstractTerm)
-    )
+    if not isinstance(terms, diffrax.AbstractTerm):
+        # e.g. `SemiImplicitEuler`'s `(term_1, term_2)`: each vector field sees only
+        # part of the state, so (t, y, args) are not example arguments for it.
+        return terms
+    return convert(terms)
 
 
 def _convert_saveat(saveat, t, y, args):

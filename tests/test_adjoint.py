@@ -463,8 +463,11 @@ def test_errors_name_the_fix():
     with pytest.raises(NotImplementedError, match="SaveAt\\(ts=...\\)"):
         _solve(saveat=diffrax.SaveAt(dense=True))
     with pytest.raises(ValueError, match="ConstantStepSize"):
-        _solve(revdiffrax.LeapfrogMidpoint(),
-               stepsize_controller=diffrax.StepTo(jnp.linspace(0, 1, 5)), dt0=None)
+        diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), revdiffrax.LeapfrogMidpoint(), 0.0, 1.0, None, Y0,
+            args=A, adjoint=REV,
+            stepsize_controller=diffrax.StepTo(jnp.linspace(0, 1, 5)),
+        )
     bm = diffrax.UnsafeBrownianPath(shape=(2,), key=jax.random.PRNGKey(0))
     terms = diffrax.MultiTerm(
         diffrax.ODETerm(vf), diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(y), bm)
