@@ -14,7 +14,6 @@ from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivate
 from diffrax._heuristics import is_unsafe_sde
 from diffrax._integrate import SaveState
 from diffrax._term import WrapTerm
-from jaxtyping import PyTree
 
 from ._solver import AbstractReversibleSolver, LeapfrogMidpoint, Reversible
 

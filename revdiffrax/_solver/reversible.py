@@ -333,7 +333,6 @@ class Reversible(
         made_jump: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump
-        lam = self.coupling
         z1, base_state = solver_state
         psi_y, _, _, result1 = self._base_step(terms, t1, t0, y1, args, base_state)
         z0 = _add(z1, psi_y)
