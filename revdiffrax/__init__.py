@@ -10,10 +10,12 @@ from ._checkpoint_choice import (
 )
 from ._solver import (
     AbstractReversibleSolver as AbstractReversibleSolver,
+    AsynchronousLeapfrog as AsynchronousLeapfrog,
     LeapfrogMidpoint as LeapfrogMidpoint,
     Reversible as Reversible,
     ReversibleHeun as ReversibleHeun,
     SemiImplicitEuler as SemiImplicitEuler,
+    SymmetricComposition as SymmetricComposition,
 )
 
 
