@@ -65,13 +65,17 @@ class AsynchronousLeapfrog(
     With $\eta = 1$ (the default) $v_1 = 2u - v_0$ and the map is *time-symmetric*:
     the step of size $-h$ from $(y_1, v_1)$ is exactly the backward step above. It is
     then second order, and [`revdiffrax.SymmetricComposition`][] raises it to order
-    4 or 6. It is stable only on the imaginary axis ($|h\lambda| \le 2$, purely
-    imaginary $\lambda$), which suits conservative and oscillatory problems.
+    4 or 6. For $y' = \lambda y$ the one-step matrix has determinant $-1$, so it is
+    stable only on the imaginary axis (purely imaginary $h\lambda$ with
+    $|h\lambda| \le 1$): it suits conservative and oscillatory problems.
 
-    With $\eta < 1$ the reflection of $v$ is damped: the parasitic oscillation of $v$
-    about $f(t, y)$ then decays, but the method is only first order, no longer
-    time-symmetric, and the backward step amplifies rounding errors in $v$ by
-    $1 / |1 - 2\eta|$ per step (so avoid $\eta$ near $\tfrac12$).
+    With $\eta < 1$ the reflection of $v$ is damped (determinant $1 - 2\eta$): the
+    parasitic oscillation of $v$ about $f(t, y)$ decays and the method becomes
+    stable for mildly dissipative problems, but it is only first order, no longer
+    time-symmetric, and the backward step amplifies rounding errors in $v$ by up to
+    $1 / |1 - 2\eta|$ per step, i.e. exponentially in the number of steps: keep
+    $\eta$ close to 1 (e.g. `0.99`) and check the gradient with
+    `ReversibleAdjoint(drift_callback=...)`.
 
     Error estimate: the difference with the Euler step $y_0 + h v_0$, i.e.
     $\eta h (u - v_0)$, of local order 2 (`error_order` is 2), so
