@@ -20,9 +20,10 @@ _SolverState: TypeAlias = PyTree
 def _check_damping(damping) -> float:
     try:
         value = float(damping)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(
-            f"`damping` must be a real number in (0, 1], got {damping!r}."
+            f"`damping` must be a real number in (0, 1] (a Python or concrete NumPy "
+            f"number: it is a static hyperparameter), got {damping!r}."
         ) from e
     if not (0 < value <= 1):
         raise ValueError(

@@ -3,6 +3,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import diffrax
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -276,8 +277,17 @@ class SymmetricComposition(
         times.append(t1)
         return times
 
+    @staticmethod
+    def _sub_times(t0, t1, fractions, j):
+        """Boundaries of sub-step j (a traced index), as in `_times`."""
+        ends = jnp.asarray(np.cumsum(fractions), dtype=jnp.result_type(t0, t1))
+        last = len(fractions) - 1
+        ta = jnp.where(j == 0, t0, t0 + ends[jnp.maximum(j - 1, 0)] * (t1 - t0))
+        tb = jnp.where(j == last, t1, t0 + ends[j] * (t1 - t0))
+        return ta, tb
+
     def _forward(self, terms, t0, t1, y0, args, state, made_jump, fractions):
-        """Compose base steps; returns (y1, state1, increments, results)."""
+        """Compose base steps, unrolled; returns (y1, state1, increments, result)."""
         times = self._times(t0, t1, fractions)
         y, increments, results = y0, [], []
         for j in range(len(fractions)):
@@ -288,7 +298,46 @@ class SymmetricComposition(
             increments.append(_sub(y_next, y))
             results.append(result)
             y = y_next
-        return y, state, increments, results
+        return y, state, increments, _combine_results(results)
+
+    def _forward_scan(self, terms, t0, t1, y0, args, state, made_jump, fractions):
+        """Compose base steps: the first one unrolled (it sees `made_jump`), the
+        others in a `lax.scan`, which keeps compilation fast for many sub-steps.
+        Returns (y1, state1, result)."""
+        times = self._times(t0, t1, fractions)
+        y, _, _, state, result = self.solver.step(
+            terms, times[0], times[1], y0, args, state, made_jump
+        )
+
+        def body(carry, j):
+            y, state, result = carry
+            ta, tb = self._sub_times(t0, t1, fractions, j)
+            y, _, _, state, r = self.solver.step(terms, ta, tb, y, args, state, False)
+            return (y, state, _combine_results([result, r])), None
+
+        steps = jnp.arange(1, len(fractions))
+        (y, state, result), _ = lax.scan(body, (y, state, result), steps)
+        return y, state, result
+
+    def _backward_scan(self, terms, t0, t1, y1, args, state, made_jump, fractions):
+        """Undo `_forward_scan`: backward steps in reverse order."""
+
+        def body(carry, j):
+            y, state, result = carry
+            ta, tb = self._sub_times(t0, t1, fractions, j)
+            y, _, state, r = self.solver.backward_step(
+                terms, ta, tb, y, args, state, False
+            )
+            return (y, state, _combine_results([result, r])), None
+
+        steps = jnp.arange(1, len(fractions))
+        init = (y1, state, diffrax.RESULTS.successful)
+        (y, state, result), _ = lax.scan(body, init, steps, reverse=True)
+        times = self._times(t0, t1, fractions)
+        y, _, state, r = self.solver.backward_step(
+            terms, times[0], times[1], y, args, state, made_jump
+        )
+        return y, state, _combine_results([result, r])
 
     def _slope(self, terms, t0, t1, state):
         """The base's approximation of f(t, y), times the step's control."""
@@ -327,10 +376,10 @@ class SymmetricComposition(
         made_jump: BoolScalarLike,
     ) -> tuple[Y, Y, DenseInfo, _SolverState, diffrax.RESULTS]:
         fractions = _fractions(self.composition_order)
-        y1, state1, increments, results = self._forward(
-            terms, t0, t1, y0, args, solver_state, made_jump, fractions
-        )
         if self.composition_order == 4:
+            y1, state1, increments, result = self._forward(
+                terms, t0, t1, y0, args, solver_state, made_jump, fractions
+            )
             # Minus the midpoint rule through the central sub-step: y0 + Delta_2/g_2.
             g2 = float(_TRIPLE_JUMP[1])
             y_error = jtu.tree_map(
@@ -340,16 +389,20 @@ class SymmetricComposition(
                 increments[1],
             )
         else:
+            y1, state1, result = self._forward_scan(
+                terms, t0, t1, y0, args, solver_state, made_jump, fractions
+            )
+            increments = None
             # Minus the order-4 triple jump from the same start.
-            y4, _, _, results4 = self._forward(
+            y4, _, _, result4 = self._forward(
                 terms, t0, t1, y0, args, solver_state, made_jump, _TRIPLE_JUMP
             )
             y_error = _sub(y1, y4)
-            results = results + results4
+            result = _combine_results([result, result4])
         dense_info = self._dense_info(
             terms, t0, t1, y0, y1, solver_state, state1, increments
         )
-        return y1, y_error, dense_info, state1, _combine_results(results)
+        return y1, y_error, dense_info, state1, result
 
     def backward_step(
         self,
@@ -362,21 +415,27 @@ class SymmetricComposition(
         made_jump: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, diffrax.RESULTS]:
         fractions = _fractions(self.composition_order)
-        times = self._times(t0, t1, fractions)
-        y, state, increments, results = y1, solver_state, [], []
-        for j in reversed(range(len(fractions))):
-            y_prev, _, state, result = self.solver.backward_step(
-                terms, times[j], times[j + 1], y, args, state,
-                made_jump if j == 0 else False,
+        if self.composition_order == 6:
+            y0, state0, result = self._backward_scan(
+                terms, t0, t1, y1, args, solver_state, made_jump, fractions
             )
-            increments.append(_sub(y, y_prev))
-            results.append(result)
-            y = y_prev
-        increments = increments[::-1]
+            increments = None
+        else:
+            times = self._times(t0, t1, fractions)
+            y, state0, increments, results = y1, solver_state, [], []
+            for j in reversed(range(len(fractions))):
+                y_prev, _, state0, r = self.solver.backward_step(
+                    terms, times[j], times[j + 1], y, args, state0,
+                    made_jump if j == 0 else False,
+                )
+                increments.append(_sub(y, y_prev))
+                results.append(r)
+                y = y_prev
+            y0, increments, result = y, increments[::-1], _combine_results(results)
         dense_info = self._dense_info(
-            terms, t0, t1, y, y1, state, solver_state, increments
+            terms, t0, t1, y0, y1, state0, solver_state, increments
         )
-        return y, dense_info, state, _combine_results(results)
+        return y0, dense_info, state0, result
 
     def func(
         self, terms: PyTree[diffrax.AbstractTerm], t0: RealScalarLike, y0: Y, args: Args
