@@ -288,13 +288,14 @@ def _checkpointing_outer_loop(
         # Rejected steps leave `num_accepted_steps` unchanged, so each checkpoint is
         # written once, by the step that reaches it.
         pred = (n > state.num_accepted_steps) & (n % every == 0)
-        index = jnp.clip(n // every - 1, 0, size - 1)
         current = eqx.filter((new_state.y, new_state.solver_state), eqx.is_array)
-        ckpts = jtu.tree_map(
-            lambda b, x: b.at[index].set(jnp.where(pred, x, b[index])),
-            ckpts,
-            current,
-        )
+
+        def write(ckpts_):
+            index = jnp.clip(n // every - 1, 0, size - 1)
+            return jtu.tree_map(lambda b, x: b.at[index].set(x), ckpts_, current)
+
+        # A `cond`, not a `where`: most steps make no checkpoint.
+        ckpts = lax.cond(pred, write, lambda c: c, ckpts)
         return new_state, ckpts
 
     final_state, ckpts = _outer_loop(
@@ -643,17 +644,18 @@ def _loop_reversible_bwd(
         size = jtu.tree_leaves(checkpoints)[0].shape[0]
         # The checkpoint at `num_steps` (if any) equals the final state; skip it.
         pred = (n >= every) & (n % every == 0) & (n < num_steps)
-        index = jnp.clip(n // every - 1, 0, size - 1)
-        stored = jtu.tree_map(lambda b: b[index], checkpoints)
-        y_stored, state_stored = stored
-        drift = jnp.where(
-            pred, jnp.maximum(drift, _relative_drift(y1, y_stored)), drift
-        )
         current, static = eqx.partition((y1, state1), eqx.is_array)
-        restored = jtu.tree_map(
-            lambda x, r: jnp.where(pred, x, r), (y_stored, state_stored), current
-        )
-        y1, state1 = eqx.combine(restored, static)
+
+        def restore(operands):
+            current_, drift_ = operands
+            index = jnp.clip(n // every - 1, 0, size - 1)
+            stored = jtu.tree_map(lambda b: b[index], checkpoints)
+            drift_ = jnp.maximum(drift_, _relative_drift(current_[0], stored[0]))
+            return stored, drift_
+
+        # A `cond`, not a `where`: most steps are not checkpoints.
+        current, drift = lax.cond(pred, restore, lambda x: x, (current, drift))
+        y1, state1 = eqx.combine(current, static)
         return y1, state1, drift
 
     def cond_fun(carry):
