@@ -749,7 +749,8 @@ def _loop_reversible_bwd(
         # On every cotangent, so that the check survives whichever ones are used.
         cotangents = eqx.error_if(
             cotangents,
-            drift > self.drift_tol,
+            # Also fires on a NaN drift (e.g. an overflowing reconstruction).
+            jnp.logical_not(drift <= self.drift_tol),
             "ReversibleAdjoint: the backward pass reconstructed the solution with a "
             f"relative error above drift_tol={self.drift_tol}, so the gradient is "
             "inaccurate. Use `ReversibleAdjoint(checkpoint_every=k)` (see "

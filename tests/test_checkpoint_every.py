@@ -305,6 +305,17 @@ def test_drift_is_reported_per_segment_and_tol_raises():
     )
     assert jnp.isfinite(g)
 
+    # An overflowing reconstruction (0.5^-400 in float32) gives a NaN drift, which
+    # must raise too.
+    loss_nan = _decay_loss(jnp.float32, 0.5, 400)
+    with pytest.raises(Exception, match="drift_tol"):
+        jax.block_until_ready(
+            jax.grad(loss_nan)(
+                jnp.asarray(1.0, jnp.float32),
+                revdiffrax.ReversibleAdjoint(drift_tol=1e-3),
+            )
+        )
+
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
 def test_bad_checkpoint_every(bad):
