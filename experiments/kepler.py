@@ -1,18 +1,19 @@
 """Learning the Kepler (two-body) problem with a Hamiltonian neural ODE.
 
 The state is y = (q, p) in R^4 (relative position and momentum, units with
-G M = 1). The model is a separable Hamiltonian H(q, p) = |p|^2 / 2 + V(q) with a
-learned potential V (an MLP R^2 -> R, two hidden layers of width 32, tanh), i.e.
-the neural ODE
+G M = 1). The model is a separable Hamiltonian H(q, p) = |p|^2 / 2 + V(|q|) with a
+learned central potential V (an MLP R -> R of the radius, two hidden layers of
+width 32, tanh), i.e. the neural ODE
 
-    q' = p,    p' = -grad V(q),
+    q' = p,    p' = -grad V(|q|),
 
 whose exact flow conserves the learned energy. The training data are exact Kepler
 orbits (from Kepler's equation, no numerical solve) with eccentricities 0.2, 0.4,
-0.6, rotated by 0, 120 and 240 degrees, semi-major axis 1, one period (2 pi) each,
-sampled at 48 times; the loss is the MSE of (q, p) over all orbits and times, the
-model being saved at the data times (`SaveAt(ts=...)`, i.e. through each solver's
-dense output).
+0.6, rotated by 0, 120 and 240 degrees, semi-major axis 1, sampled at 48 times per
+period. Training uses segments of a quarter period starting at every 4th data time
+of each orbit (36 segments, solved in one `jax.vmap`); the loss is the MSE of
+(q, p) at the data times, the model being saved there with `SaveAt(ts=...)`, i.e.
+through each solver's dense output.
 
 The same model is trained with three reversible solvers, all with
 `revdiffrax.ReversibleAdjoint()` and `PIDController(rtol, atol)`:
@@ -74,6 +75,10 @@ SOLVERS = {
     "rev-midpoint": ("Reversible(Midpoint())",
                      lambda: revdiffrax.Reversible(diffrax.Midpoint())),
 }
+# Vector-field evaluations per fixed step: 3 leapfrog sub-steps; two base steps of
+# 6 (Tsit5 without its FSAL stage, which fixed steps do not need) or 2 stages.
+EVALS_PER_STEP = {"sc4": 3, "rev-tsit5": 12, "rev-midpoint": 4}
+FIXED_EVALS_PER_PERIOD = 600
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +102,18 @@ def kepler_orbit(e: float, angle: float, ts: np.ndarray) -> np.ndarray:
     return np.concatenate([q @ rot.T, p @ rot.T], axis=-1)
 
 
+def segments(orbits: np.ndarray, length: int, stride: int):
+    """Training segments: `length` data intervals starting at every `stride`-th data
+    time of each (periodic, one-period) orbit, wrapping around the period.
+
+    Returns initial conditions (S, 4) and targets (S, length + 1, 4)."""
+    num = orbits.shape[1] - 1  # the last time is one period: same point as the first
+    starts = np.arange(0, num, stride)
+    idx = (starts[:, None] + np.arange(length + 1)[None, :]) % num
+    targets = np.concatenate([orbit[idx] for orbit in orbits])
+    return targets[:, 0], targets
+
+
 def true_energy(y):
     q, p = y[..., :2], y[..., 2:]
     return 0.5 * jnp.sum(p**2, axis=-1) - 1 / jnp.sqrt(jnp.sum(q**2, axis=-1))
@@ -108,16 +125,17 @@ def true_energy(y):
 
 
 class Potential(eqx.Module):
-    """Learned potential V(q); the model is q' = p, p' = -grad V(q)."""
+    """Learned central potential V(q) = MLP(|q|); the model is q' = p,
+    p' = -grad V(q)."""
 
     mlp: eqx.nn.MLP
 
     def __init__(self, width: int, depth: int = 2, *, key):
-        self.mlp = eqx.nn.MLP(2, "scalar", width, depth=depth, activation=jnp.tanh,
+        self.mlp = eqx.nn.MLP(1, "scalar", width, depth=depth, activation=jnp.tanh,
                               dtype=jnp.float64, key=key)
 
     def __call__(self, q):
-        return self.mlp(q)
+        return self.mlp(jnp.sqrt(jnp.sum(q**2))[None])
 
     def energy(self, y):
         return 0.5 * jnp.sum(y[2:] ** 2) + self(y[:2])
@@ -129,13 +147,14 @@ def vector_field(t, y, model):
     return jnp.concatenate([p, -jax.grad(model)(q)])
 
 
-def solve(model, solver, y0, ts: np.ndarray, *, rtol, atol, adjoint, max_steps):
+def solve(model, solver, y0, ts: np.ndarray, *, rtol, atol, adjoint, max_steps,
+          throw=True):
     """Solve from t = 0 to ts[-1], saving at the (NumPy) times `ts`."""
     return diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field), solver, 0.0, float(ts[-1]), 0.05, y0,
         args=model, saveat=diffrax.SaveAt(ts=jnp.asarray(ts)),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        adjoint=adjoint, max_steps=max_steps,
+        adjoint=adjoint, max_steps=max_steps, throw=throw,
     )
 
 
@@ -145,6 +164,7 @@ def solve(model, solver, y0, ts: np.ndarray, *, rtol, atol, adjoint, max_steps):
 
 
 def train_one(key: str, args, data, ts) -> dict:
+    """Train on all segments of `data` (saved at the times `ts`, from 0)."""
     from tqdm.auto import tqdm
 
     label, make = SOLVERS[key]
@@ -152,7 +172,8 @@ def train_one(key: str, args, data, ts) -> dict:
     adjoint = revdiffrax.ReversibleAdjoint()
     model = Potential(args.width, args.depth, key=jr.PRNGKey(args.seed))
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    optim = optax.adam(args.lr)
+    schedule = optax.cosine_decay_schedule(args.lr, args.iters, alpha=0.05)
+    optim = optax.adam(schedule)
     opt_state = optim.init(params)
     ys_data = jnp.asarray(data)
 
@@ -207,21 +228,50 @@ def train_one(key: str, args, data, ts) -> dict:
         mean_iter_s=float(np.mean(iter_times)), cpu_per_iter_s=cpu_s / args.iters,
         compile_s=compile_s, warmup_s=warmup_s, temp_bytes=temp_bytes,
         peak_rss_mb=peak_rss_mb(),
-        **evaluate(model, solver, args),
+        **evaluate(model, solver, args, EVALS_PER_STEP[key]),
     )
 
 
-def evaluate(model, solver, args) -> dict:
+def fixed_step_energy_drift(model, solver, y0, periods, steps_per_period):
+    """|H_learned - H_learned(0)| after every step of a fixed-step solve."""
+    n = periods * steps_per_period
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field), solver, 0.0, periods * PERIOD,
+        PERIOD / steps_per_period, y0, args=model,
+        saveat=diffrax.SaveAt(steps=True, fn=lambda t, y, m: m.energy(y)),
+        max_steps=n + 8, throw=False,
+    )
+    h = np.asarray(sol.ys)[:n]
+    return np.abs(h - float(model.energy(y0)))
+
+
+def evaluate(model, solver, args, evals_per_step) -> dict:
     """Test error of the learned orbit and long-horizon energy behaviour."""
     e, angle = TEST_ORBIT
     y0 = jnp.asarray(kepler_orbit(e, angle, np.zeros(1))[0])
     adjoint = diffrax.RecursiveCheckpointAdjoint()
 
+    # Fixed steps, equal cost for every solver (not in --quick: one more compile).
+    fixed = {}
+    if not args.quick:
+        spp = FIXED_EVALS_PER_PERIOD // evals_per_step
+        d = fixed_step_energy_drift(model, solver, y0, args.energy_periods, spp)
+        d = np.where(np.isfinite(d), d, np.inf)
+        k = len(d) // 10
+        fixed = dict(
+            fixed_steps_per_period=spp,
+            fixed_energy_drift=d[:: max(spp // 20, 1)].tolist(),
+            # in periods: entry i of d is after step i + 1
+            fixed_ts=((np.arange(len(d)) + 1) / spp)[:: max(spp // 20, 1)].tolist(),
+            fixed_energy_drift_first=float(np.max(d[:k])),
+            fixed_energy_drift_last=float(np.max(d[-k:])),
+        )
+
     # The training solver at the training tolerance, over a long horizon.
     long_periods = args.energy_periods
     ts_long = np.linspace(0.0, long_periods * PERIOD, 20 * long_periods + 1)
     sol = solve(model, solver, y0, ts_long, rtol=args.rtol, atol=args.atol,
-                adjoint=adjoint, max_steps=args.eval_max_steps)
+                adjoint=adjoint, max_steps=args.eval_max_steps, throw=False)
 
     # The learned vector field on the test orbit, solved accurately (--quick: the
     # run above, saving a compilation).
@@ -231,10 +281,11 @@ def evaluate(model, solver, args) -> dict:
         pred = np.asarray(sol.ys)
     else:
         accurate = solve(model, diffrax.Tsit5(), y0, ts, rtol=1e-10, atol=1e-10,
-                         adjoint=adjoint, max_steps=100_000)
+                         adjoint=adjoint, max_steps=100_000, throw=False)
         pred = np.asarray(accurate.ys)
-    pos_err = np.sqrt(np.mean(np.sum((pred[:, :2] - true[:, :2]) ** 2, axis=-1)))
-    scale = np.sqrt(np.mean(np.sum(true[:, :2] ** 2, axis=-1)))
+    def rel_err(k):  # RMS position error over the first k saved times / RMS radius
+        err = np.sum((pred[:k, :2] - true[:k, :2]) ** 2, axis=-1)
+        return float(np.sqrt(np.mean(err) / np.mean(np.sum(true[:k, :2] ** 2, -1))))
 
     ys = np.asarray(sol.ys)
     finite = bool(np.all(np.isfinite(ys)))
@@ -243,7 +294,8 @@ def evaluate(model, solver, args) -> dict:
     drift = np.abs(learned_h - learned_h[0])
     n = len(drift) // 10
     return dict(
-        test_pos_rel_error=float(pos_err / scale),
+        test_pos_rel_error=rel_err(len(ts)),
+        test_pos_rel_error_1=rel_err(21),
         test_prediction=pred[:, :2].tolist(), test_truth=true[:, :2].tolist(),
         test_ts=ts.tolist(),
         long_ts=ts_long.tolist(),
@@ -253,6 +305,8 @@ def evaluate(model, solver, args) -> dict:
         true_energy_error_last=float(np.max(np.abs(h_true[-n:] + 0.5)))
         if finite else float("inf"),
         long_steps=int(sol.stats["num_accepted_steps"]),
+        long_solve_ok=bool(sol.result == diffrax.RESULTS.successful),
+        **fixed,
     )
 
 
@@ -262,18 +316,26 @@ def evaluate(model, solver, args) -> dict:
 
 
 def table_markdown(runs: Sequence[dict]) -> str:
-    head = ("| solver | iters | final loss | test orbit rel. error (5 periods) "
-            "| learned-energy drift, first / last 10% of 50 periods "
-            "| true energy error, last 10% | s / iter (median) | CPU s / iter "
+    head = ("| solver | iters | final loss | test orbit rel. error, 1 / all periods "
+            "| learned-energy drift (adaptive), first / last 10% "
+            "| true energy error (adaptive), last 10% "
+            f"| learned-energy drift (fixed steps, {FIXED_EVALS_PER_PERIOD} "
+            "f-evals/period), first / last 10% "
+            "| s / iter (median) | CPU s / iter "
             "| compile (s) | temp memory | mean accepted steps / solve |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         lines.append(
             f"| {r['solver']} | {r['iters']} | {r['final_loss']:.3e} "
-            f"| {r['test_pos_rel_error']:.3e} "
+            f"| {r['test_pos_rel_error_1']:.2e} / {r['test_pos_rel_error']:.2e} "
             f"| {r['learned_energy_drift_first']:.1e} / "
             f"{r['learned_energy_drift_last']:.1e} "
-            f"| {r['true_energy_error_last']:.1e} | {r['median_iter_s']:.4f} "
+            f"| {r['true_energy_error_last']:.1e} "
+            + (f"| {r['fixed_energy_drift_first']:.1e} / "
+               f"{r['fixed_energy_drift_last']:.1e} "
+               f"({r['fixed_steps_per_period']} steps/period) "
+               if "fixed_energy_drift_first" in r else "| not run (--quick) ")
+            + f"| {r['median_iter_s']:.4f} "
             f"| {r['cpu_per_iter_s']:.4f} | {r['compile_s']:.1f} "
             f"| {fmt_bytes(r['temp_bytes'])} | {r['mean_steps']:.0f} |"
         )
@@ -319,17 +381,30 @@ def make_plots(runs: Sequence[dict], out_dir: str, data: np.ndarray) -> list[str
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = all("fixed_energy_drift" in r for r in runs)
+    fig, axes = plt.subplots(1, 2 if fixed else 1, figsize=(11 if fixed else 6, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     for r in runs:
         t = np.asarray(r["long_ts"]) / PERIOD
         d = np.maximum(np.asarray(r["learned_energy_drift"]), 1e-17)
         ax.plot(t, d, lw=0.8, label=r["solver"])
-    ax.set_yscale("log")
-    ax.set_xlabel("time (periods)")
-    ax.set_ylabel("|H_learned(t) - H_learned(0)|")
-    ax.set_title("Kepler: learned-energy error of the trained model, solved with its "
-                 "training solver and tolerance", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.set_title("adaptive: training solver and tolerance", fontsize=8)
+    if fixed:
+        ax = axes[0, 1]
+        for r in runs:
+            d = np.maximum(np.asarray(r["fixed_energy_drift"]), 1e-17)
+            ax.plot(r["fixed_ts"], d, lw=0.8, label=f"{r['solver']}, "
+                    f"{r['fixed_steps_per_period']} steps/period")
+        ax.set_title(f"fixed steps, {FIXED_EVALS_PER_PERIOD} vector-field evaluations "
+                     "per period for every solver", fontsize=8)
+    for ax in axes[0]:
+        ax.set_yscale("log")
+        ax.set_xlabel("time (periods)")
+        ax.set_ylabel("|H_learned(t) - H_learned(0)|")
+        ax.legend(fontsize=7)
+    fig.suptitle("Kepler: error in the learned energy (a conserved quantity of the "
+                 "learned ODE) along the test orbit", fontsize=9)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "kepler_energy.png"))
     fig.savefig(paths[-1], dpi=90)
@@ -367,13 +442,15 @@ Command:
 ```
 
 - Data: exact Kepler orbits (Kepler's equation), eccentricities 0.2 / 0.4 / 0.6
-  rotated by 0 / 120 / 240 degrees, semi-major axis 1, one period each, {a["num_times"]}
-  times per orbit. Test orbit: e = 0.5 rotated by 60 degrees (not in the training
-  set), {a["test_periods"]} periods.
-- Model: separable Hamiltonian |p|^2/2 + V(q), V an MLP ({a["depth"]} hidden layers of
-  width {a["width"]}, tanh), i.e. q' = p, p' = -grad V(q); optax.adam({a["lr"]}),
-  {a["iters"]} iterations, full batch, MSE of (q, p) at the data times through
-  `SaveAt(ts=...)`; float64; seed {a["seed"]}.
+  rotated by 0 / 120 / 240 degrees, semi-major axis 1, {a["num_times"]} times per
+  period. Training segments: {a["segment"]} data intervals, starting every
+  {a["stride"]} data times around each orbit. Test orbit: e = 0.5 rotated by 60
+  degrees (not in the training set), {a["test_periods"]} periods.
+- Model: separable Hamiltonian |p|^2/2 + V(|q|), V an MLP of the radius
+  ({a["depth"]} hidden layers of width {a["width"]}, tanh), i.e. q' = p,
+  p' = -grad V(|q|); Adam, learning rate {a["lr"]} with cosine decay to 5%,
+  {a["iters"]} iterations, full batch (all segments, `jax.vmap`), MSE of (q, p) at
+  the data times through `SaveAt(ts=...)`; float64; seed {a["seed"]}.
 - Every solver: `revdiffrax.ReversibleAdjoint()`,
   `PIDController(rtol={a["rtol"]}, atol={a["atol"]})`, `max_steps={a["max_steps"]}`.
 - Machine: {m["platform"]}, {m["cpu_count"]} CPUs, backend {m["backend"]} ({m["device"]});
@@ -383,12 +460,15 @@ Command:
 - Wall time of this run: {result["wall_s"] / 60:.1f} min.
 
 Columns: *test orbit rel. error*: RMS position error of the learned model (solved
-with Tsit5 at rtol=atol=1e-10) on the test orbit over {a["test_periods"]} periods,
-relative to the RMS radius. *Learned-energy drift*: the learned Hamiltonian is a
+with Tsit5 at rtol=atol=1e-10) on the test orbit over its first period and over all
+{a["test_periods"]} periods, relative to the RMS radius. *Learned-energy drift*: the learned Hamiltonian is a
 conserved quantity of the learned ODE, so its change along the test orbit, solved
 with the *training* solver and tolerance over {a["energy_periods"]} periods, is the
 solver's error (max over the first and the last 10% of the run). *True energy
 error*: |H_true + 1/2| over the last 10% of the same run (model plus solver error).
+*Fixed steps*: the same learned-energy drift with `ConstantStepSize` and
+{FIXED_EVALS_PER_PERIOD} vector-field evaluations per period for every solver (3 per
+step for the composition, 12 for Reversible(Tsit5), 4 for Reversible(Midpoint)).
 *Temp memory*: `compiled.memory_analysis().temp_size_in_bytes` of the jitted train
 step. Times exclude compilation and one warm-up call.
 
@@ -416,16 +496,22 @@ def make_parser() -> argparse.ArgumentParser:
                         "quick: sc4,rev-midpoint, one of each family, to keep the "
                         "smoke test short)")
     p.add_argument("--iters", type=int, default=None,
-                   help="training iterations (default 400; quick: 3)")
+                   help="training iterations (default 600; quick: 3)")
     p.add_argument("--rtol", type=float, default=1e-6)
     p.add_argument("--atol", type=float, default=1e-6)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-2,
+                   help="initial Adam learning rate, cosine decay to 5%% of it")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--depth", type=int, default=None,
                    help="hidden layers of the potential (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-times", type=int, default=None,
                    help="data times per orbit (default 48; quick: 12)")
+    p.add_argument("--segment", type=int, default=None,
+                   help="training segment length in data intervals (default 12, a "
+                        "quarter period; quick: 3)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="data intervals between segment starts (default 4; quick: 3)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="max_steps of each training solve (default 4096; quick 1024)")
     p.add_argument("--test-periods", type=int, default=None,
@@ -445,11 +531,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     quick = args.quick
     if args.iters is None:
-        args.iters = 3 if quick else 400
+        args.iters = 3 if quick else 600
     if args.depth is None:
         args.depth = 2
     if args.num_times is None:
         args.num_times = 12 if quick else 48
+    if args.segment is None:
+        args.segment = 3 if quick else 12
+    if args.stride is None:
+        args.stride = 3 if quick else 4
     if args.max_steps is None:
         args.max_steps = 1024 if quick else 4096
     if args.test_periods is None:
@@ -469,10 +559,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
 
     ts = np.linspace(0.0, PERIOD, args.num_times + 1)
-    data = np.stack([kepler_orbit(e, a, ts) for e, a in TRAIN_ORBITS])
+    orbits = np.stack([kepler_orbit(e, a, ts) for e, a in TRAIN_ORBITS])
+    _, data = segments(orbits, args.segment, args.stride)
+    seg_ts = ts[: args.segment + 1]
 
     wall = time.perf_counter()
-    runs = [train_one(k, args, data, ts) for k in keys]
+    runs = [train_one(k, args, data, seg_ts) for k in keys]
     wall = time.perf_counter() - wall
 
     cli = list(argv) if argv is not None else sys.argv[1:]
@@ -487,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         json.dump(result, f)
     files = [json_path]
     if not args.no_plots:
-        files += make_plots(runs, out_dir, data)
+        files += make_plots(runs, out_dir, orbits)
     md_path = os.path.join(out_dir, "kepler.md")
     write_markdown(result, md_path)
     files.append(md_path)
