@@ -47,7 +47,9 @@ def _term(u, v):
 
 def _symmetric_map(solver):
     """(y, aux) -> (y1, aux1) for ALF / ReversibleHeun-based solvers, h = 1."""
-    base = solver.solver if isinstance(solver, revdiffrax.SymmetricComposition) else solver
+    base = solver
+    if isinstance(solver, revdiffrax.SymmetricComposition):
+        base = solver.solver
 
     def one_step(u, v, w):
         term = _term(u, v)
@@ -135,7 +137,9 @@ def summarise(radius):
     real = _stable_extent(radius(-real_grid, np.zeros_like(real_grid)), real_grid)
     # Largest square -r <= Re x <= 0, |Im x| <= r that is entirely stable: how far
     # into the left half-plane a method is stable near the origin.
-    side = np.concatenate([np.linspace(0.0, 0.01, 101), np.linspace(0.01, 0.5, 246)[1:]])
+    side = np.concatenate(
+        [np.linspace(0.0, 0.01, 101), np.linspace(0.01, 0.5, 246)[1:]]
+    )
     uu, vv = np.meshgrid(-side, side, indexing="ij")
     rad = radius(uu.ravel(), vv.ravel()).reshape(uu.shape)
     # worst[k] = max radius over the square of side side[k].
@@ -177,7 +181,8 @@ def main(argv=None):
         ax.axvline(0, color="k", lw=0.5)
         if 0 < real < re[1] - re[0]:
             ax.text(
-                -0.48, -3.7, f"stable strip |Re x| <= {real:.3f}\n(thinner than a pixel)",
+                -0.48, -3.7,
+                f"stable strip |Re x| <= {real:.3f}\n(thinner than a pixel)",
                 fontsize=8,
             )
         ax.set_title(f"{label}\n{evals} f-evals/step", fontsize=9)

@@ -342,6 +342,25 @@ def table_markdown(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_lines(runs: Sequence[dict]) -> str:
+    """Computed one-line comparisons (relative to the first solver)."""
+    if len(runs) < 2:
+        return ""
+    ref = runs[0]
+    lines = []
+    losses = [r["final_loss"] for r in runs]
+    spread = (max(losses) - min(losses)) / min(losses)
+    lines.append(f"- Final losses agree to {100 * spread:.2f}% across solvers.")
+    for r in runs[1:]:
+        lines.append(
+            f"- {r['solver']}: median time per iteration "
+            f"{r['median_iter_s'] / ref['median_iter_s']:.2f}x that of "
+            f"{ref['solver']}; temp memory "
+            f"{(r['temp_bytes'] or 0) / max(ref['temp_bytes'] or 1, 1):.2f}x."
+        )
+    return "\n".join(lines)
+
+
 def make_plots(runs: Sequence[dict], out_dir: str, data: np.ndarray) -> list[str]:
     import matplotlib
 
@@ -453,7 +472,8 @@ Command:
   the data times through `SaveAt(ts=...)`; float64; seed {a["seed"]}.
 - Every solver: `revdiffrax.ReversibleAdjoint()`,
   `PIDController(rtol={a["rtol"]}, atol={a["atol"]})`, `max_steps={a["max_steps"]}`.
-- Machine: {m["platform"]}, {m["cpu_count"]} CPUs, backend {m["backend"]} ({m["device"]});
+- Machine: {m["platform"]}, {m["cpu_count"]} CPUs, backend {m["backend"]}
+  ({m["device"]});
   python {m["python"]}, jax {m["jax"]}, diffrax {m["diffrax"]}, equinox {m["equinox"]}.
   The machine was shared with other jobs: the median time per iteration is the
   robust figure.
@@ -461,10 +481,11 @@ Command:
 
 Columns: *test orbit rel. error*: RMS position error of the learned model (solved
 with Tsit5 at rtol=atol=1e-10) on the test orbit over its first period and over all
-{a["test_periods"]} periods, relative to the RMS radius. *Learned-energy drift*: the learned Hamiltonian is a
-conserved quantity of the learned ODE, so its change along the test orbit, solved
-with the *training* solver and tolerance over {a["energy_periods"]} periods, is the
-solver's error (max over the first and the last 10% of the run). *True energy
+{a["test_periods"]} periods, relative to the RMS radius. *Learned-energy drift
+(adaptive)*: the learned Hamiltonian is a conserved quantity of the learned ODE, so
+its change along the test orbit, solved with the *training* solver and tolerance
+over {a["energy_periods"]} periods, is the solver's error (max over the first and
+the last 10% of the run). *True energy
 error*: |H_true + 1/2| over the last 10% of the same run (model plus solver error).
 *Fixed steps*: the same learned-energy drift with `ConstantStepSize` and
 {FIXED_EVALS_PER_PERIOD} vector-field evaluations per period for every solver (3 per
@@ -473,6 +494,8 @@ step for the composition, 12 for Reversible(Tsit5), 4 for Reversible(Midpoint)).
 step. Times exclude compilation and one warm-up call.
 
 {table_markdown(result["runs"])}
+
+{summary_lines(result["runs"])}
 
 ![orbits](kepler_orbits.png)
 ![loss](kepler_loss.png)
@@ -554,7 +577,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     keys = [k.strip() for k in args.solvers.split(",") if k.strip()]
     for k in keys:
         if k not in SOLVERS:
-            raise SystemExit(f"error: unknown solver {k!r}; choose from {list(SOLVERS)}")
+            raise SystemExit(
+                f"error: unknown solver {k!r}; choose from {list(SOLVERS)}"
+            )
     out_dir = args.out or os.path.join("out", "kepler")
     os.makedirs(out_dir, exist_ok=True)
 

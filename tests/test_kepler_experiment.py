@@ -1,8 +1,8 @@
 """Smoke test of `python -m experiments.kepler --quick`: reversible solvers of both
 families (SymmetricComposition(AsynchronousLeapfrog(), 4) and
-Reversible(Midpoint())) train a Hamiltonian neural ODE on exact Kepler orbits for a few iterations with
-`ReversibleAdjoint` and `PIDController`, and the report, table and plots are
-written."""
+Reversible(Midpoint())) train a Hamiltonian neural ODE on exact Kepler orbits for
+a few iterations with `ReversibleAdjoint` and `PIDController`, and the report,
+table and plots are written."""
 
 import json
 import math

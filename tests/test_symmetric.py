@@ -45,7 +45,10 @@ def _max_abs(a, b):
 def _tree_err(a, b):
     return functools.reduce(
         jnp.maximum,
-        [jnp.max(jnp.abs(x - y)) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))],
+        [
+            jnp.max(jnp.abs(x - y))
+            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+        ],
     )
 
 
@@ -430,7 +433,9 @@ def test_long_horizon_energy():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damping", [0.0, -0.1, 1.5, 2, np.float32(1.2), jnp.array(3.0)])
+@pytest.mark.parametrize(
+    "damping", [0.0, -0.1, 1.5, 2, np.float32(1.2), jnp.array(3.0)]
+)
 def test_damping_out_of_range(damping):
     with pytest.raises(ValueError, match=r"`damping` must lie in \(0, 1\]"):
         revdiffrax.AsynchronousLeapfrog(damping=damping)

@@ -149,7 +149,9 @@ class AsynchronousLeapfrog(
         )
         u = terms.vf(tm, y_half, args)
         v1 = jtu.tree_map(lambda v, u_: v + 2 * eta * (u_ - v), v0, u)
-        y1 = jtu.tree_map(lambda y, p: y + p, y_half, terms.prod(v1, terms.contr(tm, t1)))
+        y1 = jtu.tree_map(
+            lambda y, p: y + p, y_half, terms.prod(v1, terms.contr(tm, t1))
+        )
         # y1 minus the Euler step y0 + h v0.
         y_error = terms.prod(
             jtu.tree_map(lambda u_, v: eta * (u_ - v), u, v0), terms.contr(t0, t1)
@@ -183,7 +185,9 @@ class AsynchronousLeapfrog(
             v0 = jtu.tree_map(
                 lambda v, u_: (v - 2 * eta * u_) / (1 - 2 * eta), v1, u
             )
-        y0 = jtu.tree_map(lambda y, p: y - p, y_half, terms.prod(v0, terms.contr(t0, tm)))
+        y0 = jtu.tree_map(
+            lambda y, p: y - p, y_half, terms.prod(v0, terms.contr(t0, tm))
+        )
         dense_info = self._dense_info(terms, t0, t1, y0, y1, v0, v1)
         return y0, dense_info, v0, diffrax.RESULTS.successful
 
