@@ -103,35 +103,52 @@ def _relative_drift(y_rec, y_true):
 
 
 class _StepTimes(eqx.Module):
-    """How the accepted step times t_1, ..., t_N depend on (t0, t1).
+    """How the accepted step times t_0, ..., t_N depend on (t0, t1, dt0).
 
-    Only (t0, t1) are differentiable inputs of the solve. The dependence of t_n on
-    them is linear, with coefficients fixed by the step size controller:
+    These are the differentiable time inputs of the solve (a `dt0` computed from
+    `t0` and `t1` passes their cotangents on). diffrax always ends on t_N = t1;
+    before that, the dependence is linear with coefficients fixed by the controller:
 
-    - ConstantStepSize: t_n = t0 + (t1 - t0) n / N;
-    - adaptive controllers: t_n - t0 is the accumulation of stop-gradiented step
-      sizes, so dt_n/dt0 = 1 for n < N, and t_N = t1;
+    - ConstantStepSize: t_1 = t0 + dt0 and t_n = t0 + (t1 - t0) n / N for n >= 2,
+      with N = ceil((t1 - t0) / dt0) (diffrax 0.7.2 splits the interval uniformly
+      after the first step);
+    - adaptive controllers: every step size is the previous one times a
+      stop-gradiented factor, so t_n = t0 + dt0 S_n with S_n constant, i.e.
+      dt_n/dt0 = 1 and dt_n/d(dt0) = (t_n - t0) / dt0. (Exact unless the steps were
+      clipped by `dtmin`, `dtmax`, `step_ts` or `jump_ts`; with `dt0=None` the first
+      step is stop-gradiented by diffrax and only the first term remains.)
     - StepTo: t_n are the user's times, t_0 = t0 and t_N = t1.
     """
 
     kind: str = eqx.field(static=True)
 
-    def coefficients(self, n, num_steps):
-        dtype = jnp.result_type(float)
-        n_ = n.astype(dtype)
-        N_ = jnp.maximum(num_steps, 1).astype(dtype)
+    def coefficients(self, n, num_steps, t_n, t0, dt0):
+        dtype = jnp.result_type(t0)
         is_first = n == 0
         is_last = (n == num_steps) & (num_steps > 0)
+        zero = jnp.zeros((), dtype)
+        if self.kind == "stepto":
+            c0 = jnp.where(is_first, 1.0, 0.0).astype(dtype)
+            c1 = jnp.where(is_last, 1.0, 0.0).astype(dtype)
+            return c0, c1, zero
+        c0 = jnp.where(is_last, 0.0, 1.0).astype(dtype)
+        c1 = jnp.where(is_last, 1.0, 0.0).astype(dtype)
         if self.kind == "constant":
-            c1 = n_ / N_
-            c0 = 1 - c1
-        elif self.kind == "stepto":
-            c0 = jnp.where(is_first, 1.0, 0.0)
-            c1 = jnp.where(is_last, 1.0, 0.0)
+            # diffrax's ConstantStepSize: t_1 = t0 + dt0, then the rest of [t0, t1]
+            # is split uniformly, t_n = t0 + (t1 - t0) n / N for n >= 2, with
+            # N = ceil((t1 - t0) / dt0).
+            frac = n.astype(dtype) / jnp.maximum(num_steps, 1).astype(dtype)
+            uniform = (n >= 2) & ~is_last
+            c0 = jnp.where(is_last, 0.0, jnp.where(uniform, 1 - frac, 1.0))
+            c1 = jnp.where(is_last, 1.0, jnp.where(uniform, frac, 0.0))
+            c_dt = jnp.where((n == 1) & ~is_last, 1.0, 0.0)
+            return c0.astype(dtype), c1.astype(dtype), c_dt.astype(dtype)
+        if dt0 is None:
+            c_dt = zero
         else:
-            c0 = jnp.where(is_last, 0.0, 1.0)
-            c1 = jnp.where(is_last, 1.0, 0.0)
-        return c0, c1
+            safe_dt0 = jnp.where(dt0 == 0, 1, dt0)
+            c_dt = jnp.where(is_last, 0.0, (t_n - t0) / safe_dt0)
+        return c0, c1, c_dt.astype(dtype)
 
 
 def _controller_kind(stepsize_controller) -> str:
@@ -166,7 +183,8 @@ def _check_inputs(*, solver, terms, event, max_steps, stepsize_controller, savea
             f"`{type(solver).__name__}`. Wrap it: "
             f"`revdiffrax.Reversible(diffrax.{type(solver).__name__}())`, or use one "
             "of `revdiffrax.ReversibleHeun()`, `revdiffrax.LeapfrogMidpoint()`, "
-            "`revdiffrax.SemiImplicitEuler()`."
+            "`revdiffrax.SemiImplicitEuler()`, `revdiffrax.AsynchronousLeapfrog()`, "
+            "`revdiffrax.SymmetricComposition(revdiffrax.AsynchronousLeapfrog())`."
         )
     if max_steps is None:
         raise ValueError(
@@ -313,7 +331,9 @@ def _checkpointing_outer_loop(
 def _forward(
     diff, *, self, init_state, saveat, max_steps, with_checkpoints, **kwargs
 ):
-    y0, args, terms, t0, t1, ts_list = diff
+    # `dt0` (the last entry) is only differentiable: the loop uses the
+    # stop-gradiented copy in `kwargs`, and its cotangent comes from `_StepTimes`.
+    y0, args, terms, t0, t1, ts_list, _ = diff
     saveat = _replace_ts(saveat, ts_list)
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, t0)
@@ -414,10 +434,15 @@ def _loop_reversible_bwd(
     del max_steps, kwargs
     y_final, solver_state_final, step_times, num_steps, checkpoints = residuals
     (grad_final_state, _), _ = grad_out
-    y0, args, terms, t0, t1, ts_list = diff
-    _, _, _, t0_perturbed, t1_perturbed, ts_perturbed = perturbed
+    y0, args, terms, t0, t1, ts_list, dt0 = diff
+    _, _, _, t0_perturbed, t1_perturbed, ts_perturbed, dt0_perturbed = perturbed
     saveat = _replace_ts(saveat, ts_list)
-    want_times = t0_perturbed or t1_perturbed or any(jtu.tree_leaves(ts_perturbed))
+    want_times = (
+        t0_perturbed
+        or t1_perturbed
+        or any(jtu.tree_leaves(ts_perturbed))
+        or any(jtu.tree_leaves(dt0_perturbed))
+    )
     times_map = _StepTimes(_controller_kind(stepsize_controller))
     made_jump0 = init_state.made_jump
 
@@ -469,9 +494,9 @@ def _loop_reversible_bwd(
         return terms_bar, _tree_add(args_bar, a_bar)
 
     def add_time_bar(tbar, n, value):
-        c0, c1 = times_map.coefficients(n, num_steps)
-        t0_bar, t1_bar = tbar
-        return t0_bar + c0 * value, t1_bar + c1 * value
+        c0, c1, c_dt = times_map.coefficients(n, num_steps, get_time(n), t0, dt0)
+        t0_bar, t1_bar, dt0_bar = tbar
+        return t0_bar + c0 * value, t1_bar + c1 * value, dt0_bar + c_dt * value
 
     # Layout of each SubSaveAt's outputs: [t0] [ts...] [steps...] [t1].
     def t1_index_and_pred(sub):
@@ -486,7 +511,7 @@ def _loop_reversible_bwd(
         return base + saved, pred
 
     zero_time = jnp.zeros((), dtype=jnp.result_type(t0))
-    tbar = (zero_time, zero_time)
+    tbar = (zero_time, zero_time, zero_time)
     ts_bars = [jnp.zeros_like(ts) for ts in ts_list]
 
     #
@@ -743,8 +768,12 @@ def _loop_reversible_bwd(
     if self.drift_callback is not None:
         jax.debug.callback(self.drift_callback, drift)
     terms_bar, args_bar = params_bar
-    t0_bar, t1_bar = tbar
-    cotangents = (ybar, args_bar, terms_bar, t0_bar, t1_bar, ts_bars)
+    t0_bar, t1_bar, dt0_bar = tbar
+    if eqx.is_inexact_array(dt0):
+        dt0_bar = dt0_bar.astype(jnp.result_type(dt0))
+    else:
+        dt0_bar = None
+    cotangents = (ybar, args_bar, terms_bar, t0_bar, t1_bar, ts_bars, dt0_bar)
     if self.drift_tol is not None:
         # On every cotangent, so that the check survives whichever ones are used.
         cotangents = eqx.error_if(
@@ -958,9 +987,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x,
             stepsize_controller,
         )
+        dt0_diff = dt0
         dt0 = None if dt0 is None else lax.stop_gradient(dt0)
         ts_list = _saveat_ts(saveat)
-        diff = (y0, args, terms, t0, t1, ts_list)
+        diff = (y0, args, terms, t0, t1, ts_list, dt0_diff)
         # The differentiable copy of `SaveAt.ts` travels in `diff`.
         saveat = _replace_ts(saveat, [lax.stop_gradient(ts) for ts in ts_list])
         (final_state, aux_stats), _ = _loop_reversible(

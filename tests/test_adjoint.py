@@ -498,3 +498,44 @@ def test_dense_saveat_ts_against_direct_adjoint():
 
     g = jax.grad(loss, argnums=(0, 1))
     assert rel_err(g(Y0, A, REV), g(Y0, A, diffrax.DirectAdjoint())) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "solver, controller, dt0_kind",
+    [
+        # dt0 does not divide t1 - t0: diffrax takes a first step of dt0, then splits
+        # the rest of the interval uniformly.
+        (revdiffrax.ReversibleHeun(), diffrax.ConstantStepSize(), "constant"),
+        (revdiffrax.AsynchronousLeapfrog(), diffrax.ConstantStepSize(), "constant"),
+        (revdiffrax.Reversible(diffrax.Tsit5()), diffrax.ConstantStepSize(), "constant"),
+        # A dt0 computed from (t0, t1) scales every adaptive step.
+        (
+            revdiffrax.Reversible(diffrax.Tsit5()),
+            diffrax.PIDController(rtol=1e-5, atol=1e-5),
+            "traced",
+        ),
+    ],
+)
+def test_time_gradients_follow_diffrax_step_times(solver, controller, dt0_kind):
+    def loss(t0, t1, theta, adjoint):
+        dt0 = 0.07 if dt0_kind == "constant" else (t1 - t0) / 20
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -a * y * jnp.cos(t)),
+            solver,
+            t0,
+            t1,
+            dt0,
+            jnp.array([1.0, 2.0]),
+            args=theta,
+            stepsize_controller=controller,
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0.3, 1.0, 4), t1=True),
+            adjoint=adjoint,
+            max_steps=500,
+        )
+        return jnp.sum(sol.ys**2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    ours = grad(0.1, 1.0, 0.7, revdiffrax.ReversibleAdjoint())
+    reference = grad(0.1, 1.0, 0.7, diffrax.RecursiveCheckpointAdjoint())
+    for a, b in zip(ours, reference):
+        assert abs(float(a) - float(b)) < 1e-9 * (1 + abs(float(b)))
