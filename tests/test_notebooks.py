@@ -64,7 +64,13 @@ def execute_notebook(path, kernel_spec_manager, nb=None, **kwargs):
         resources={"metadata": {"path": str(path.parent)}},
         **kwargs,
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        # nbclient only shuts down kernels it created itself; without this, every
+        # notebook would leave an idle kernel (~700 MB) behind until pytest exits.
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
