@@ -48,6 +48,10 @@ import optax  # noqa: E402
 
 import revdiffrax  # noqa: E402
 
+# The rule of `revdiffrax.choose_checkpoint_every`, applied to the drifts measured
+# here (which also measures gradient errors, so it compiles its own gradients).
+from revdiffrax._checkpoint_choice import _default_drift_tol, _pick  # noqa: E402
+
 
 COUPLINGS = (0.9, 0.99, 0.999)
 KS = (None, 10, 100, 1000)
@@ -270,7 +274,6 @@ def interleaved_times(fns, repeats):
 
 
 def run_case(case, repeats, couplings, ks):
-    eps = {jnp.float32: float(jnp.finfo(jnp.float32).eps), jnp.float64: 2.2e-16}
     rows = []
     summary = []
     for coupling in couplings:
@@ -310,10 +313,8 @@ def run_case(case, repeats, couplings, ks):
             for k in ks:
                 results[k].extend(times[k])
             # The rule of `revdiffrax.choose_checkpoint_every`.
-            tol = 100 * eps[dtype]
-            safe = [k for k in ks if results[k][1] <= tol]
-            size = lambda k: math.inf if k is None else k  # noqa: E731
-            chosen = max(safe, key=size) if safe else min(ks, key=lambda k: results[k][1])
+            tol = _default_drift_tol(cast(case.params, dtype))
+            chosen, _ = _pick({k: results[k][1] for k in ks}, tol)
             for k in ks:
                 err, drift, mem, t, t_min = results[k]
                 rows.append(

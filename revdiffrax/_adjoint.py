@@ -139,8 +139,8 @@ class _StepTimes(eqx.Module):
             # N = ceil((t1 - t0) / dt0).
             frac = n.astype(dtype) / jnp.maximum(num_steps, 1).astype(dtype)
             uniform = (n >= 2) & ~is_last
-            c0 = jnp.where(is_last, 0.0, jnp.where(uniform, 1 - frac, 1.0))
-            c1 = jnp.where(is_last, 1.0, jnp.where(uniform, frac, 0.0))
+            c0 = jnp.where(uniform, 1 - frac, c0)
+            c1 = jnp.where(uniform, frac, c1)
             c_dt = jnp.where((n == 1) & ~is_last, 1.0, 0.0)
             return c0.astype(dtype), c1.astype(dtype), c_dt.astype(dtype)
         if dt0 is None:

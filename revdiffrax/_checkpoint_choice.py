@@ -46,6 +46,29 @@ def _float_eps(tree) -> float:
     return max(float(jnp.finfo(d).eps) for d in dtypes)
 
 
+def _default_drift_tol(tree) -> float:
+    return 100 * _float_eps(tree)
+
+
+def _pick(drifts: dict, drift_tol: float) -> tuple[int | None, bool]:
+    """The rule of `choose_checkpoint_every`: from `{k: drift}`, the largest k (the
+    least memory; `None` counts as infinite) with drift <= `drift_tol`, else the k
+    with the smallest drift (ties: the larger k). Also returns whether the chosen k
+    met the tolerance. A NaN drift counts as infinite."""
+
+    def size(k):
+        return math.inf if k is None else k
+
+    def drift(k):
+        d = drifts[k]
+        return math.inf if math.isnan(d) else d
+
+    safe = [k for k in drifts if drift(k) <= drift_tol]
+    if safe:
+        return max(safe, key=size), True
+    return min(drifts, key=lambda k: (drift(k), -size(k))), False
+
+
 def choose_checkpoint_every(
     loss: Callable[..., ArrayLike],
     *args: PyTree[Any],
@@ -94,7 +117,7 @@ def choose_checkpoint_every(
     if len(candidates) == 0:
         raise ValueError("`candidates` must contain at least one value of k.")
     if drift_tol is None:
-        drift_tol = 100 * _float_eps(args)
+        drift_tol = _default_drift_tol(args)
     diff, static = eqx.partition(args, eqx.is_inexact_array)
     rows = []
     for k in candidates:
@@ -121,16 +144,13 @@ def choose_checkpoint_every(
             drift = math.inf
         rows.append(CheckpointChoice(k, drift, temp_bytes, seconds))
 
-    def size(k):
-        return math.inf if k is None else k
-
-    safe = [row for row in rows if row.drift <= drift_tol]
-    if safe:
-        choice = max(safe, key=lambda row: size(row.checkpoint_every))
-    else:
-        choice = min(rows, key=lambda row: (row.drift, -size(row.checkpoint_every)))
+    chosen, safe = _pick({row.checkpoint_every: row.drift for row in rows}, drift_tol)
+    choice = next(row for row in rows if row.checkpoint_every == chosen)
     if verbose:
-        print(f"checkpoint_every | drift    | temp memory | time (drift tol {drift_tol:.1e})")
+        print(
+            "checkpoint_every | drift    | temp memory | time "
+            f"(drift tol {drift_tol:.1e})"
+        )
         for row in rows:
             mem = "n/a"
             if row.temp_bytes is not None:
