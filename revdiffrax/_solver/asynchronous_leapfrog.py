@@ -80,7 +80,8 @@ class AsynchronousLeapfrog(
 
     Error estimate: the difference with the Euler step $y_0 + h v_0$, i.e.
     $\eta h (u - v_0)$, of local order 2 (`error_order` is 2), so
-    [`diffrax.PIDController`][] can drive the step size. Dense output: cubic Hermite
+    [`diffrax.PIDController`](https://docs.kidger.site/diffrax/api/stepsize_controller/#diffrax.PIDController)
+    can drive the step size. Dense output: cubic Hermite
     interpolation of $y_0, y_1$ with slopes $v_0, v_1$.
 
     After a jump (`made_jump=True`), $v_0$ is re-initialised to $f(t_0, y_0)$, as
@@ -182,9 +183,7 @@ class AsynchronousLeapfrog(
         if eta == 1:
             v0 = jtu.tree_map(lambda v, u_: 2 * u_ - v, v1, u)
         else:
-            v0 = jtu.tree_map(
-                lambda v, u_: (v - 2 * eta * u_) / (1 - 2 * eta), v1, u
-            )
+            v0 = jtu.tree_map(lambda v, u_: (v - 2 * eta * u_) / (1 - 2 * eta), v1, u)
         y0 = jtu.tree_map(
             lambda y, p: y - p, y_half, terms.prod(v0, terms.contr(t0, tm))
         )

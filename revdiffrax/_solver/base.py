@@ -1,7 +1,9 @@
 import abc
-from typing import TypeVar
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import diffrax
+import equinox as eqx
 from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, Y
 from jaxtyping import PyTree
 
@@ -12,7 +14,9 @@ _SolverState = TypeVar("_SolverState")
 class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     """Abstract base class for algebraically reversible solvers.
 
-    A reversible solver is a normal [`diffrax.AbstractSolver`][] (so it can be passed
+    A reversible solver is a normal
+    [`diffrax.AbstractSolver`](https://docs.kidger.site/diffrax/api/solvers/abstract_solvers/#diffrax.AbstractSolver)
+    (so it can be passed
     to `diffrax.diffeqsolve` with any adjoint) that additionally knows how to undo
     its own step in closed form: given the output of
 
@@ -34,7 +38,20 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     `dense_info`. This is what [`revdiffrax.ReversibleAdjoint`][] uses to
     backpropagate in O(1) memory: states are rebuilt on the backward pass instead of
     being stored on the forward pass.
+
+    Subclasses declare what the adjoint may rely on with two class variables,
+    `reversible_on_any_grid` and `reversible_across_jumps`, and may override
+    `backward_step_vjp` to share work between the reconstruction and the
+    vector-Jacobian product.
     """
+
+    # Whether `backward_step` is exact for any sequence of step times. A multistep
+    # method needs the time before the step, which an O(1) state cannot remember: it
+    # can then only be reversed on the uniform grid of `diffrax.ConstantStepSize`.
+    reversible_on_any_grid: ClassVar[bool] = True
+    # Whether `backward_step` also undoes a step made with `made_jump=True` after a
+    # jump requested by `jump_ts` (the state a jump discards cannot be rebuilt).
+    reversible_across_jumps: ClassVar[bool] = False
 
     @abc.abstractmethod
     def backward_step(
@@ -63,5 +80,68 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
 
         A 4-tuple `(y0, dense_info, solver_state0, result)`: the solution and solver
         state at `t0`, the dense information of the step over `[t0, t1]`, and a
-        [`diffrax.RESULTS`][] code.
+        [`diffrax.RESULTS`](https://docs.kidger.site/diffrax/api/solution/) code.
         """
+
+    def backward_step_vjp(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+        *,
+        diff_times: bool,
+        want_dense: bool,
+    ) -> tuple[Y, DenseInfo, _SolverState, Callable]:
+        """Undo a single step, and linearise the forward step it undid.
+
+        **Arguments:** as for `backward_step`, plus
+
+        - `diff_times`: whether the pullback should differentiate with respect to
+            `t0` and `t1` (otherwise it returns `None` for them).
+        - `want_dense`: whether the caller will pass a nonzero cotangent for the dense
+            information (a solver may skip work when it will not).
+
+        **Returns:**
+
+        A 4-tuple `(y0, dense_info, solver_state0, pullback)`, where the first three
+        are as for `backward_step` and `pullback(y1_bar, solver_state1_bar,
+        dense_info_bar)` maps cotangents of the outputs `(y1, solver_state1,
+        dense_info)` of `step(terms, t0, t1, y0, args, solver_state0, made_jump)` to
+        those of its inputs, `(y0_bar, solver_state0_bar, (terms_bar, args_bar),
+        (t0_bar, t1_bar))` (`None` where an input is not differentiable). All
+        cotangents hold the inexact arrays of their primal, `None` elsewhere.
+
+        The default implementation calls `backward_step` and then differentiates
+        `step` at the reconstructed state, which evaluates the step twice; solvers
+        whose reconstruction already evaluates what the VJP needs override it (see
+        `revdiffrax.Reversible`).
+        """
+        del want_dense
+        y0, _, solver_state0, _ = self.backward_step(
+            terms, t0, t1, y1, args, solver_state, made_jump
+        )
+
+        def step(y, state, params, times):
+            _terms, _args = params
+            # Times are differentiated only on request: e.g. a
+            # `VirtualBrownianTree` refuses to be differentiated in time.
+            _t0, _t1 = times if diff_times else (t0, t1)
+            _y1, _, _dense_info, _state1, _ = self.step(
+                _terms, _t0, _t1, y, _args, state, made_jump
+            )
+            return _y1, _state1, _dense_info
+
+        times = (t0, t1) if diff_times else None
+        (_, _, dense_info), vjp = eqx.filter_vjp(
+            step, y0, solver_state0, (terms, args), times
+        )
+
+        def pullback(y1_bar, solver_state1_bar, dense_info_bar):
+            cotangent = (y1_bar, solver_state1_bar, dense_info_bar)
+            return vjp(eqx.filter(cotangent, eqx.is_inexact_array))
+
+        return y0, dense_info, solver_state0, pullback

@@ -18,7 +18,9 @@ _SolverState: TypeAlias = tuple[RealScalarLike, PyTree, RealScalarLike]
 class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
     r"""Leapfrog/midpoint method, with its exact backward step.
 
-    Same numerics as [`diffrax.LeapfrogMidpoint`][]: the two-step recurrence
+    Same numerics as
+    [`diffrax.LeapfrogMidpoint`](https://docs.kidger.site/diffrax/api/solvers/ode_solvers/#diffrax.LeapfrogMidpoint):
+    the two-step recurrence
 
     $$y_{n+1} = y_{n-1} + f(t_n, y_n)\,(t_{n+1} - t_{n-1}),$$
 
@@ -50,6 +52,8 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
     interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = (
         diffrax.LocalLinearInterpolation
     )
+    # `backward_step` recovers t_{n-1} = 2 t_n - t_{n+1}: uniform grids only.
+    reversible_on_any_grid: ClassVar[bool] = False
 
     def order(self, terms):
         return 2
@@ -71,9 +75,7 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
         del made_jump
         tm1, ym1, t_start = solver_state
         control = terms.contr(tm1, t1)
-        y1 = jtu.tree_map(
-            lambda a, b: a + b, ym1, terms.vf_prod(t0, y0, args, control)
-        )
+        y1 = jtu.tree_map(lambda a, b: a + b, ym1, terms.vf_prod(t0, y0, args, control))
         dense_info = dict(y0=y0, y1=y1)
         return y1, None, dense_info, (t0, y0, t_start), diffrax.RESULTS.successful
 
@@ -93,14 +95,14 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
         # On the first step the recurrence was started from (t0, y0) itself.
         tm1 = jnp.where(first, t0, 2 * t0 - t1)
         control = terms.contr(tm1, t1)
-        ym1 = jtu.tree_map(
-            lambda a, b: a - b, y1, terms.vf_prod(t0, y0, args, control)
-        )
+        ym1 = jtu.tree_map(lambda a, b: a - b, y1, terms.vf_prod(t0, y0, args, control))
         ym1 = jtu.tree_map(lambda a, b: jnp.where(first, b, a), ym1, y0)
         dense_info = dict(y0=y0, y1=y1)
         return y0, dense_info, (tm1, ym1, t_start), diffrax.RESULTS.successful
 
-    def func(self, terms: diffrax.AbstractTerm, t0: RealScalarLike, y0: Y, args: Args) -> VF:
+    def func(
+        self, terms: diffrax.AbstractTerm, t0: RealScalarLike, y0: Y, args: Args
+    ) -> VF:
         return terms.vf(t0, y0, args)
 
 

@@ -1,5 +1,6 @@
+import functools as ft
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeGuard
 
 import diffrax
 import equinox as eqx
@@ -10,6 +11,8 @@ from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLik
 from diffrax._heuristics import is_sde
 from diffrax._local_interpolation import AbstractLocalInterpolation
 from diffrax._misc import linear_rescale
+from equinox.internal import ω
+from jax.core import Tracer
 from jaxtyping import Array, PyTree
 
 from .base import AbstractReversibleSolver
@@ -47,8 +50,8 @@ class _ReversibleInterpolation(AbstractLocalInterpolation):
     As `y - z = O(h^p)` this keeps the accuracy of the base interpolant.
     """
 
-    t0: RealScalarLike
-    t1: RealScalarLike
+    t0: RealScalarLike  # pyright: ignore[reportIncompatibleVariableOverride]
+    t1: RealScalarLike  # pyright: ignore[reportIncompatibleVariableOverride]
     base: AbstractLocalInterpolation
     offset: Y
     drift: Y
@@ -87,7 +90,7 @@ class _InterpolationFactory(eqx.Module):
         )
 
 
-def _is_plain_erk(solver) -> bool:
+def _is_plain_erk(solver: diffrax.AbstractSolver) -> TypeGuard[diffrax.AbstractERK]:
     return (
         isinstance(solver, diffrax.AbstractERK)
         and isinstance(solver.tableau, diffrax.ButcherTableau)
@@ -184,11 +187,13 @@ class Reversible(
     $\lambda \in (0, 1]$:
 
     $$y_{n+1} = \lambda y_n + (1 - \lambda) z_n + \Psi_h(t_n, z_n),$$
+
     $$z_{n+1} = z_n - \Psi_{-h}(t_{n+1}, y_{n+1}).$$
 
     The step is inverted exactly by
 
     $$z_n = z_{n+1} + \Psi_{-h}(t_{n+1}, y_{n+1}),$$
+
     $$y_n = \big(y_{n+1} - (1 - \lambda) z_n - \Psi_h(t_n, z_n)\big) / \lambda.$$
 
     Each step costs two base steps. The error estimate is the base solver's estimate
@@ -217,6 +222,9 @@ class Reversible(
     solver: diffrax.AbstractSolver
     coupling: float = 0.999
 
+    # Every base step is made with `made_jump=True`, so jumps change nothing.
+    reversible_across_jumps: ClassVar[bool] = True
+
     interpolation_cls: ClassVar[Any] = property(  # pyright: ignore
         lambda self: _InterpolationFactory(self.solver.interpolation_cls)
     )
@@ -229,7 +237,7 @@ class Reversible(
             )
         _check_base_solver(self.solver)
         coupling = self.coupling
-        if not isinstance(coupling, jax.core.Tracer):
+        if not isinstance(coupling, Tracer):
             try:
                 value = float(coupling)
             except TypeError as e:
@@ -244,11 +252,11 @@ class Reversible(
                 )
 
     @property
-    def term_structure(self):
+    def term_structure(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.term_structure
 
     @property
-    def term_compatible_contr_kwargs(self):
+    def term_compatible_contr_kwargs(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.term_compatible_contr_kwargs
 
     def order(self, terms):
@@ -345,6 +353,94 @@ class Reversible(
             result1 == diffrax.RESULTS.successful, result2, result1
         )
         return y0, dense_info, (z0, base_state), result
+
+    def backward_step_vjp(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+        *,
+        diff_times: bool,
+        want_dense: bool,
+    ) -> tuple[Y, DenseInfo, _SolverState, Callable]:
+        r"""Undo a step and linearise it, sharing the base-step evaluations.
+
+        The two base steps that rebuild $(y_n, z_n)$ from $(y_{n+1}, z_{n+1})$,
+        $B = \Psi_{-h}(t_{n+1}, y_{n+1})$ and $A = \Psi_h(t_n, z_n)$, are exactly the
+        ones whose VJPs the adjoint recurrence needs, so each is evaluated once, under
+        `jax.vjp`, and their primal outputs are the reconstruction. The pullback is
+
+        $$\bar y \mathrel{-}= (\partial B/\partial y)^\top \bar z,\qquad
+          \bar z \mathrel{+}= (1 - \lambda)\bar y + (\partial A/\partial z)^\top
+          \bar y,\qquad \bar y \leftarrow \lambda \bar y,$$
+
+        plus the dense information's cotangent. See `backward_step_vjp` of
+        [`revdiffrax.AbstractReversibleSolver`][] for the arguments and returns.
+        """
+        del made_jump
+        lam = self.coupling
+        z1, base_state = solver_state
+
+        def base_step(ta, tb, u, params, times):
+            _terms, _args = params
+            _ta, _tb = times if diff_times else (ta, tb)
+            increment, _, dense_info, _ = self._base_step(
+                _terms, _ta, _tb, u, _args, base_state
+            )
+            return increment, dense_info
+
+        def increment_only(ta, tb, u, params, times):
+            return base_step(ta, tb, u, params, times)[0]
+
+        times = (t0, t1) if diff_times else None
+        backward_times = (t1, t0) if diff_times else None
+        # B: the backward base step of y_{n+1}, which gives z_n = z_{n+1} + B.
+        psi_y, vjp_b = eqx.filter_vjp(
+            ft.partial(increment_only, t1, t0), y1, (terms, args), backward_times
+        )
+        z0 = _add(z1, psi_y)
+        # A: the forward base step of z_n, which gives y_n.
+        (psi_z, base_dense_info), vjp_a = eqx.filter_vjp(
+            ft.partial(base_step, t0, t1), z0, (terms, args), times
+        )
+        y0 = self._reconstruct_y0(y1, z0, psi_z)
+        dense_info = self._dense_info(y0, z0, base_dense_info)
+
+        def pullback(y1_bar, solver_state1_bar, dense_info_bar):
+            z1_bar, base_state_bar = solver_state1_bar
+            # z_{n+1} = z_n - B(y_{n+1})
+            y_bar_b, params_bar_b, times_bar_b = vjp_b((-(ω(z1_bar))).ω)
+            y1_bar = (ω(y1_bar) + ω(y_bar_b)).ω
+            # y_{n+1} = lam y_n + (1 - lam) z_n + A(z_n), and the dense information
+            # of y over the step.
+            y0_bar = (lam * ω(y1_bar)).ω
+            z0_bar = (ω(z1_bar) + (1 - lam) * ω(y1_bar)).ω
+            if want_dense:
+                offset_bar = ω(dense_info_bar["offset"])
+                d = (offset_bar - (1 - lam) * ω(dense_info_bar["drift"])).ω
+                y0_bar = (ω(y0_bar) + ω(d)).ω
+                z0_bar = (ω(z0_bar) - ω(d)).ω
+                base_bar = dense_info_bar["base"]
+            else:
+                base_bar = jtu.tree_map(
+                    jnp.zeros_like, eqx.filter(base_dense_info, eqx.is_inexact_array)
+                )
+            z_bar_a, params_bar_a, times_bar_a = vjp_a((y1_bar, base_bar))
+            z0_bar = (ω(z0_bar) + ω(z_bar_a)).ω
+            params_bar = _add(params_bar_a, params_bar_b)
+            if diff_times:
+                t0_bar = times_bar_a[0] + times_bar_b[1]
+                t1_bar = times_bar_a[1] + times_bar_b[0]
+                times_bar = (t0_bar, t1_bar)
+            else:
+                times_bar = None
+            return y0_bar, (z0_bar, base_state_bar), params_bar, times_bar
+
+        return y0, dense_info, (z0, base_state), pullback
 
     def _reconstruct_y0(self, y1, z0, psi_z):
         lam = self.coupling

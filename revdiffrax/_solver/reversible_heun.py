@@ -20,7 +20,9 @@ class ReversibleHeun(
 ):
     r"""Reversible Heun method, with its exact backward step.
 
-    Identical to [`diffrax.ReversibleHeun`][] on the forward pass (it delegates to it).
+    Identical to
+    [`diffrax.ReversibleHeun`](https://docs.kidger.site/diffrax/api/solvers/ode_solvers/#diffrax.ReversibleHeun)
+    on the forward pass (it delegates to it).
     With auxiliary state $\hat y$ and $f_n = f(t_n, \hat y_n)$, a step is
 
     $$\hat y_{n+1} = 2 y_n - \hat y_n + f_n \Delta t,\qquad
@@ -102,7 +104,9 @@ class ReversibleHeun(
         dense_info = dict(y0=y0, y1=y1)
         return y0, dense_info, (yhat0, vf0), diffrax.RESULTS.successful
 
-    def func(self, terms: diffrax.AbstractTerm, t0: RealScalarLike, y0: Y, args: Args) -> VF:
+    def func(
+        self, terms: diffrax.AbstractTerm, t0: RealScalarLike, y0: Y, args: Args
+    ) -> VF:
         return terms.vf(t0, y0, args)
 
 

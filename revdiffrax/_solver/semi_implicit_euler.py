@@ -10,14 +10,16 @@ from .base import AbstractReversibleSolver
 
 
 _SolverState: TypeAlias = None
-Ya: TypeAlias = PyTree[Float[ArrayLike, "?*y"], " Y"]
-Yb: TypeAlias = PyTree[Float[ArrayLike, "?*y"], " Y"]
+Ya: TypeAlias = PyTree[Float[ArrayLike, "?*y"]]
+Yb: TypeAlias = PyTree[Float[ArrayLike, "?*y"]]
 
 
 class SemiImplicitEuler(AbstractReversibleSolver[_SolverState]):
     r"""Semi-implicit (symplectic) Euler method, with its exact backward step.
 
-    Identical to [`diffrax.SemiImplicitEuler`][] on the forward pass (it delegates to
+    Identical to
+    [`diffrax.SemiImplicitEuler`](https://docs.kidger.site/diffrax/api/solvers/ode_solvers/#diffrax.SemiImplicitEuler)
+    on the forward pass (it delegates to
     it). For `terms = (term_1, term_2)` and state $(a, b)$:
 
     $$a_{n+1} = a_n + f_1(t_n, b_n) \Delta t,\qquad

@@ -169,7 +169,9 @@ class SymmetricComposition(
     second-order method for an extended ODE whose $y$ component is exactly
     $y' = f(t, y)$, so the usual theory applies and order 6 is reached.
 
-    Error estimate (for [`diffrax.PIDController`][]): the difference with an
+    Error estimate (for
+    [`diffrax.PIDController`](https://docs.kidger.site/diffrax/api/stepsize_controller/#diffrax.PIDController)):
+    the difference with an
     embedded method of order $p - 2$. For `order=4` it is free: the midpoint rule
     through the central sub-step, $y_0 + \Delta_2 / \gamma_2$ (with $\Delta_2$ the
     central sub-step's increment), local order 3 (`error_order` is 3). For
@@ -192,7 +194,8 @@ class SymmetricComposition(
     so they suit conservative and oscillatory problems, not dissipative ones (use
     [`revdiffrax.Reversible`][] there). With fixed steps their energy error on
     Hamiltonian problems stays bounded over long times; step sizes chosen by
-    [`diffrax.PIDController`][] are not time-symmetric, so with adaptive steps a
+    [`diffrax.PIDController`](https://docs.kidger.site/diffrax/api/stepsize_controller/#diffrax.PIDController)
+    are not time-symmetric, so with adaptive steps a
     slow energy drift returns. Prefer the leapfrog base: on the Kepler problem the
     parasitic mode of reversible Heun ($\hat y - y$) was measured to grow, and the
     energy error with it, at step sizes where the leapfrog's stays bounded.
@@ -254,11 +257,11 @@ class SymmetricComposition(
         self.composition_order = _check_order(order)
 
     @property
-    def term_structure(self):
+    def term_structure(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.term_structure
 
     @property
-    def term_compatible_contr_kwargs(self):
+    def term_compatible_contr_kwargs(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.term_compatible_contr_kwargs
 
     def order(self, terms):
@@ -302,7 +305,12 @@ class SymmetricComposition(
         y, increments, results = y0, [], []
         for j in range(len(fractions)):
             y_next, _, _, state, result = self.solver.step(
-                terms, times[j], times[j + 1], y, args, state,
+                terms,
+                times[j],
+                times[j + 1],
+                y,
+                args,
+                state,
                 made_jump if j == 0 else False,
             )
             increments.append(_sub(y_next, y))
@@ -435,7 +443,12 @@ class SymmetricComposition(
             y, state0, increments, results = y1, solver_state, [], []
             for j in reversed(range(len(fractions))):
                 y_prev, _, state0, r = self.solver.backward_step(
-                    terms, times[j], times[j + 1], y, args, state0,
+                    terms,
+                    times[j],
+                    times[j + 1],
+                    y,
+                    args,
+                    state0,
                     made_jump if j == 0 else False,
                 )
                 increments.append(_sub(y, y_prev))

@@ -1,0 +1,20 @@
+"""`ReversibleAdjoint`: backpropagation through `diffrax.diffeqsolve` by
+reconstruction instead of storage.
+
+One concern per module:
+
+- `adjoint`: the public class, its documentation and `loop`;
+- `checks`: the inputs it refuses, each with the fix;
+- `closure`: closure conversion of vector fields and `SaveAt.fn`;
+- `forward`: the forward solve, recording step times (and checkpoints);
+- `step_times`: the recorded times and their dependence on `(t0, t1, dt0)`;
+- `checkpoints`: `checkpoint_every`: writing and restoring stored states;
+- `saveat`: the layout of `SaveAt` outputs;
+- `cotangents`: cotangents of the saved outputs and of the inputs;
+- `backward`: the backward driver, one reverse step at a time (the step itself is
+  the solver's `backward_step_vjp`, generic or fused);
+- `drift`: the reconstruction drift and its checks;
+- `vjp`: the `custom_vjp` wiring.
+"""
+
+from .adjoint import ReversibleAdjoint as ReversibleAdjoint

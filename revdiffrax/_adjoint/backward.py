@@ -1,0 +1,203 @@
+"""The backward driver: rebuild the solve from its last state, one step at a time,
+pulling the cotangents back through each step as it is rebuilt."""
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, Int, PyTree
+
+from .._solver import AbstractReversibleSolver
+from .checkpoints import restore_checkpoint
+from .cotangents import (
+    add,
+    InputCotangents,
+    materialise,
+    output_cotangents,
+    SavedOutputs,
+    zero_cotangent,
+)
+from .drift import relative_drift, report_drift
+from .forward import DiffInputs, Residuals
+from .saveat import replace_ts, subsaveats
+from .step_times import controller_kind, StepTimes
+
+
+class _Carry(eqx.Module):
+    """The state of the backward loop, after undoing the steps after step n."""
+
+    n: Int[Array, ""]
+    y: PyTree  # y_n, rebuilt (or restored from a checkpoint)
+    solver_state: PyTree  # the solver state at t_n
+    y_bar: PyTree  # cotangent of y_n
+    solver_state_bar: PyTree  # cotangent of the solver state at t_n
+    grads: InputCotangents  # of (terms, args, t0, t1, dt0, ts), so far
+    ts_left: list[Int[Array, ""]]  # per `SubSaveAt(ts)`: outputs not yet pulled back
+    drift: Float[Array, ""]  # the largest reconstruction drift seen so far
+
+
+class _Backward(eqx.Module):
+    """What every backward step needs: the solve's inputs and what was recorded."""
+
+    solver: AbstractReversibleSolver
+    inputs: DiffInputs
+    times: StepTimes
+    outputs: SavedOutputs
+    residuals: Residuals
+    made_jump0: PyTree  # the `made_jump` flag of the first step
+    checkpoint_every: int | None = eqx.field(static=True)
+    diff_times: bool = eqx.field(static=True)
+
+    def reverse_step(self, carry: _Carry) -> _Carry:
+        """Undo step m = n - 1 and pull the cotangents back through it."""
+        inputs, times = self.inputs, self.times
+        n, m = carry.n, carry.n - 1
+        y1, state1, drift = carry.y, carry.solver_state, carry.drift
+        checkpoints, every = self.residuals.checkpoints, self.checkpoint_every
+        if checkpoints is not None and every is not None:
+            y1, state1, drift = restore_checkpoint(
+                n, times.num_steps, y1, state1, drift, every, checkpoints
+            )
+        made_jump = jnp.where(m == 0, self.made_jump0, False)
+        want_dense = any(sub.ts is not None for sub in self.outputs.subs)
+        y0, dense_info, state0, pullback = self.solver.backward_step_vjp(
+            inputs.terms,
+            times[m],
+            times[n],
+            y1,
+            inputs.args,
+            state1,
+            made_jump,
+            diff_times=self.diff_times,
+            want_dense=want_dense,
+        )
+        grads = carry.grads
+        if want_dense:
+            dense_info_bar, ts_left, grads = self.outputs.in_step(
+                times,
+                m,
+                dense_info,
+                self.solver.interpolation_cls,
+                inputs.args,
+                carry.ts_left,
+                grads,
+            )
+        else:
+            dense_info_bar, ts_left = zero_cotangent(dense_info), carry.ts_left
+        y0_bar, state0_bar, params_bar, times_bar = pullback(
+            carry.y_bar, carry.solver_state_bar, dense_info_bar
+        )
+        grads = grads.add_params(params_bar)
+        if self.diff_times:
+            grads = grads.add_time(times, m, times_bar[0])
+            grads = grads.add_time(times, n, times_bar[1])
+        y0_bar, grads = self.outputs.at_step(
+            times, m, y0, inputs.args, materialise(y0_bar, y0), grads
+        )
+        return _Carry(
+            n=m,
+            y=y0,
+            solver_state=state0,
+            y_bar=y0_bar,
+            solver_state_bar=materialise(state0_bar, state0),
+            grads=grads,
+            ts_left=ts_left,
+            drift=drift,
+        )
+
+    def initial_carry(self) -> _Carry:
+        """Start from y_N, with the cotangents of the outputs saved at t_N."""
+        inputs, residuals = self.inputs, self.residuals
+        grads = InputCotangents.zeros((inputs.terms, inputs.args), inputs.t0, inputs.ts)
+        y_bar, grads = self.outputs.at_final_step(
+            self.times, residuals.y, inputs.args, zero_cotangent(residuals.y), grads
+        )
+        return _Carry(
+            n=residuals.num_steps,
+            y=residuals.y,
+            solver_state=residuals.solver_state,
+            y_bar=y_bar,
+            solver_state_bar=zero_cotangent(residuals.solver_state),
+            grads=grads,
+            ts_left=[jnp.asarray(len(ts), dtype=jnp.int32) for ts in inputs.ts],
+            drift=relative_drift(inputs.y0, inputs.y0),  # zero, of the right dtype
+        )
+
+    def pull_back_init(self, carry: _Carry, tnext) -> tuple[PyTree, InputCotangents]:
+        """The initial solver state is a function of y0 (e.g. z_0 = y_0): pull its
+        cotangent back through `solver.init`."""
+        inputs = self.inputs
+
+        def init(y0, params, t0):
+            terms, args = params
+            return self.solver.init(terms, t0, tnext, y0, args)
+
+        _, vjp = eqx.filter_vjp(init, inputs.y0, (inputs.terms, inputs.args), inputs.t0)
+        y0_bar, params_bar, t0_bar = vjp(carry.solver_state_bar)
+        grads = carry.grads.add_params(params_bar)
+        grads = grads.add_time(self.times, jnp.asarray(0), t0_bar)
+        return add(carry.y_bar, y0_bar), grads
+
+
+def backward(
+    residuals: Residuals,
+    grad_final_state,
+    perturbed: DiffInputs,
+    inputs: DiffInputs,
+    *,
+    adjoint,
+    solver,
+    stepsize_controller,
+    saveat,
+    init_state,
+) -> DiffInputs:
+    """The cotangents of the differentiable inputs, from those of the outputs."""
+    saveat = replace_ts(saveat, inputs.ts)
+    times = StepTimes(
+        t0=inputs.t0,
+        dt0=inputs.dt0,
+        recorded=residuals.step_times,
+        num_steps=residuals.num_steps,
+        kind=controller_kind(stepsize_controller),
+    )
+    # Times are differentiated only when d/dt0, d/dt1, d/dts or d/d(dt0) is wanted.
+    diff_times = any(
+        jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.ts, perturbed.dt0))
+    )
+    bwd = _Backward(
+        solver=solver,
+        inputs=inputs,
+        times=times,
+        outputs=SavedOutputs(
+            subs=subsaveats(saveat),
+            bars=output_cotangents(grad_final_state, init_state),
+        ),
+        residuals=residuals,
+        made_jump0=init_state.made_jump,
+        checkpoint_every=adjoint.checkpoint_every,
+        diff_times=diff_times,
+    )
+    # A lambda, not the bound method: `lax.while_loop` hashes its body function.
+    carry = lax.while_loop(
+        lambda c: c.n > 0, lambda c: bwd.reverse_step(c), bwd.initial_carry()
+    )
+    y_bar, grads = bwd.outputs.at_start(
+        times, inputs.y0, inputs.args, carry.ts_left, carry.y_bar, carry.grads
+    )
+    carry = eqx.tree_at(lambda c: (c.y_bar, c.grads), carry, (y_bar, grads))
+    y_bar, grads = bwd.pull_back_init(carry, init_state.tnext)
+    drift = jnp.maximum(carry.drift, relative_drift(carry.y, inputs.y0))
+    terms_bar, args_bar = grads.params
+    dt0_bar = None
+    if eqx.is_inexact_array(inputs.dt0):
+        dt0_bar = grads.dt0.astype(jnp.result_type(inputs.dt0))
+    cotangents = DiffInputs(
+        y0=y_bar,
+        args=args_bar,
+        terms=terms_bar,
+        t0=grads.t0,
+        t1=grads.t1,
+        ts=grads.ts,
+        dt0=dt0_bar,
+    )
+    return report_drift(cotangents, drift, adjoint.drift_tol, adjoint.drift_callback)

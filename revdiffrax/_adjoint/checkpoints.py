@@ -1,0 +1,112 @@
+"""`checkpoint_every=k`: the forward pass stores the array leaves of
+`(y, solver_state)` after every k-th accepted step; the backward pass restarts its
+reconstruction from them, so rounding accumulates over at most k steps.
+
+Checkpoint `j` holds the state after accepted step `(j + 1) * k`.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, Int, PyTree
+
+from .drift import relative_drift
+
+
+outer_loop = jax.named_call(eqxi.while_loop, name="outer-loop")
+
+
+def num_checkpoints(checkpoint_every: int | None, max_steps: int) -> int:
+    if checkpoint_every is None:
+        return 0
+    return max_steps // checkpoint_every
+
+
+def _index(n: Int[Array, ""], every: int, checkpoints: PyTree[Array]) -> Int[Array, ""]:
+    size = jtu.tree_leaves(checkpoints)[0].shape[0]
+    return jnp.clip(n // every - 1, 0, size - 1)
+
+
+def empty_checkpoints(template: PyTree, count: int) -> PyTree[Array]:
+    """A buffer of `count` copies of the array leaves of `template`."""
+    template = eqx.filter(template, eqx.is_array)
+    return jtu.tree_map(lambda x: jnp.zeros((count,) + x.shape, x.dtype), template)
+
+
+def checkpointing_outer_loop(
+    cond_fun: Callable,
+    body_fun: Callable,
+    init_val,
+    *,
+    max_steps: int,
+    buffers: Callable,
+    every: int,
+    checkpoints: PyTree[Array],
+    out: list,
+):
+    """diffrax's outer while loop, additionally writing a checkpoint after every
+    `every`-th accepted step. The filled buffer is handed back through `out`, as
+    diffrax's loop only returns its own state."""
+
+    def cond(carry):
+        return cond_fun(carry[0])
+
+    def body(carry):
+        state, ckpts = carry
+        new_state = body_fun(state)
+        n = new_state.num_accepted_steps
+        # Rejected steps leave `num_accepted_steps` unchanged, so each checkpoint is
+        # written once, by the step that reaches it.
+        pred = (n > state.num_accepted_steps) & (n % every == 0)
+        current = eqx.filter((new_state.y, new_state.solver_state), eqx.is_array)
+
+        def write(ckpts_):
+            index = _index(n, every, ckpts_)
+            return jtu.tree_map(lambda b, x: b.at[index].set(x), ckpts_, current)
+
+        # A `cond`, not a `where`: most steps make no checkpoint.
+        ckpts = lax.cond(pred, write, lambda c: c, ckpts)
+        return new_state, ckpts
+
+    final_state, ckpts = outer_loop(
+        cond,
+        body,
+        (init_val, checkpoints),
+        max_steps=max_steps,
+        buffers=lambda carry: buffers(carry[0]),
+        kind="lax",
+    )
+    out.append(ckpts)
+    return final_state
+
+
+def restore_checkpoint(
+    n: Int[Array, ""],
+    num_steps: Int[Array, ""],
+    y: PyTree,
+    solver_state: PyTree,
+    drift: Float[Array, ""],
+    every: int,
+    checkpoints: PyTree[Array],
+) -> tuple[PyTree, PyTree, Float[Array, ""]]:
+    """At a checkpoint, measure how far the reconstruction has drifted over the
+    segment since the previous one, then continue from the stored state."""
+    # The checkpoint at `num_steps` (if any) equals the final state; skip it.
+    pred = (n >= every) & (n % every == 0) & (n < num_steps)
+    current, static = eqx.partition((y, solver_state), eqx.is_array)
+
+    def restore(operands):
+        current_, drift_ = operands
+        stored = jtu.tree_map(lambda b: b[_index(n, every, checkpoints)], checkpoints)
+        drift_ = jnp.maximum(drift_, relative_drift(current_[0], stored[0]))
+        return stored, drift_
+
+    # A `cond`, not a `where`: most steps are not checkpoints.
+    current, drift = lax.cond(pred, restore, lambda x: x, (current, drift))
+    y, solver_state = eqx.combine(current, static)
+    return y, solver_state, drift

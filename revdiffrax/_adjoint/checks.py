@@ -1,0 +1,101 @@
+"""Input checks of `ReversibleAdjoint`: what it refuses, each with the fix.
+
+Solver capabilities are read from the solvers themselves (class variables of
+`AbstractReversibleSolver`), not from their types.
+"""
+
+import diffrax
+from diffrax._heuristics import is_unsafe_sde
+from jaxtyping import PyTree
+
+from .._solver import AbstractReversibleSolver
+from .saveat import subsaveats
+
+
+def check_solver(solver: diffrax.AbstractSolver) -> None:
+    if not isinstance(solver, AbstractReversibleSolver):
+        name = type(solver).__name__
+        raise ValueError(
+            f"`ReversibleAdjoint` needs a reversible solver, got `{name}`. Wrap it: "
+            f"`revdiffrax.Reversible(diffrax.{name}())`, or use one of "
+            "`revdiffrax.ReversibleHeun()`, `revdiffrax.LeapfrogMidpoint()`, "
+            "`revdiffrax.SemiImplicitEuler()`, `revdiffrax.AsynchronousLeapfrog()`, "
+            "`revdiffrax.SymmetricComposition(revdiffrax.AsynchronousLeapfrog())`."
+        )
+
+
+def check_max_steps(max_steps: int | None) -> None:
+    if max_steps is None:
+        raise ValueError(
+            "`ReversibleAdjoint` records one time per accepted step in a buffer of "
+            "length `max_steps`, so it needs a finite bound: pass e.g. "
+            "`diffeqsolve(..., max_steps=4096)`."
+        )
+
+
+def check_event(event: diffrax.Event | None) -> None:
+    if event is not None:
+        raise NotImplementedError(
+            "`ReversibleAdjoint` does not support events. Remove `event=...`, or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
+
+
+def check_brownian_motion(terms: PyTree[diffrax.AbstractTerm]) -> None:
+    if is_unsafe_sde(terms):
+        raise ValueError(
+            "`ReversibleAdjoint` re-evaluates the Brownian motion on the backward "
+            "pass, which `diffrax.UnsafeBrownianPath` cannot do. Use "
+            "`diffrax.VirtualBrownianTree(t0, t1, tol, shape, key)` instead."
+        )
+
+
+def check_step_times(
+    solver: AbstractReversibleSolver,
+    stepsize_controller: diffrax.AbstractStepSizeController,
+) -> None:
+    name = type(solver).__name__
+    if not solver.reversible_on_any_grid and not isinstance(
+        stepsize_controller, diffrax.ConstantStepSize
+    ):
+        raise ValueError(
+            f"`{name}` can only be reversed on a uniform grid: use "
+            "`stepsize_controller=diffrax.ConstantStepSize()` with a `dt0` that "
+            "divides `t1 - t0`."
+        )
+    jump_ts = getattr(stepsize_controller, "jump_ts", None)
+    if jump_ts is not None and not solver.reversible_across_jumps:
+        raise NotImplementedError(
+            f"`{name}` cannot be reversed across the jumps requested by `jump_ts`. "
+            "Use `revdiffrax.Reversible(...)`, which is unaffected by jumps, or drop "
+            "`jump_ts`."
+        )
+
+
+def check_saveat(saveat: diffrax.SaveAt) -> None:
+    if saveat.dense:
+        raise NotImplementedError(
+            "`ReversibleAdjoint` does not support `SaveAt(dense=True)`, which would "
+            "store every step and defeat the O(1) memory of reversible "
+            "backpropagation. Save at the times you need instead: "
+            "`SaveAt(ts=...)` or `SaveAt(steps=True)`."
+        )
+    for sub in subsaveats(saveat):
+        if sub.ts is not None and sub.steps != 0:
+            raise NotImplementedError(
+                "`ReversibleAdjoint` does not support a single `SubSaveAt` with both "
+                "`ts` and `steps`: use two, e.g. "
+                "`SaveAt(subs=[SubSaveAt(ts=ts), SubSaveAt(steps=True)])`."
+            )
+
+
+def check_inputs(
+    *, solver, terms, event, max_steps, stepsize_controller, saveat
+) -> None:
+    """Raise a clear error for every input `ReversibleAdjoint` cannot handle."""
+    check_solver(solver)
+    check_max_steps(max_steps)
+    check_event(event)
+    check_brownian_motion(terms)
+    check_step_times(solver, stepsize_controller)
+    check_saveat(saveat)

@@ -1,0 +1,260 @@
+"""Cotangents: of the saved outputs (read on the backward pass), and of the solve's
+differentiable inputs (accumulated over it)."""
+
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from diffrax._integrate import SaveState
+from equinox.internal import ω
+from jaxtyping import Array, Int, PyTree, Real
+
+from .saveat import steps_output, t1_output
+from .step_times import StepTimes
+
+
+def diff_part(tree: PyTree) -> PyTree:
+    """The inexact arrays of `tree` (`None` elsewhere): the structure of its
+    cotangents."""
+    return eqx.filter(tree, eqx.is_inexact_array)
+
+
+def zero_cotangent(tree: PyTree) -> PyTree:
+    return jtu.tree_map(jnp.zeros_like, diff_part(tree))
+
+
+def materialise(cotangent: PyTree, primal: PyTree) -> PyTree:
+    """Replace symbolic-zero (`None`) leaves of a cotangent with arrays of zeros."""
+    return jtu.tree_map(
+        lambda c, p: zero_cotangent(p) if c is None else c,
+        cotangent,
+        diff_part(primal),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    """a + b for two cotangents of the same primal."""
+    return (ω(a) + ω(b)).ω
+
+
+class InputCotangents(eqx.Module):
+    """Cotangents of the differentiable inputs of the solve, accumulated over the
+    backward pass. Each holds the inexact arrays of its primal, `None` elsewhere."""
+
+    params: PyTree  # (terms, args)
+    t0: Real[Array, ""]
+    t1: Real[Array, ""]
+    dt0: Real[Array, ""]
+    ts: list[Array]  # one per `SubSaveAt` with `ts`
+
+    @classmethod
+    def zeros(cls, params: PyTree, t0: Any, ts: list[Array]) -> "InputCotangents":
+        zero = jnp.zeros((), jnp.result_type(t0))
+        return cls(
+            zero_cotangent(params), zero, zero, zero, [jnp.zeros_like(x) for x in ts]
+        )
+
+    def add_params(self, params_bar: PyTree) -> "InputCotangents":
+        return eqx.tree_at(lambda g: g.params, self, add(self.params, params_bar))
+
+    def add_args(self, args_bar: PyTree) -> "InputCotangents":
+        terms_bar, acc = self.params
+        return eqx.tree_at(lambda g: g.params, self, (terms_bar, add(acc, args_bar)))
+
+    def add_time(
+        self, times: StepTimes, n: Int[Array, ""], t_bar: Real[Array, ""]
+    ) -> "InputCotangents":
+        """Add the cotangent `t_bar` of the step time t_n."""
+        c0, c1, c_dt = times.coefficients(n)
+        return eqx.tree_at(
+            lambda g: (g.t0, g.t1, g.dt0),
+            self,
+            (self.t0 + c0 * t_bar, self.t1 + c1 * t_bar, self.dt0 + c_dt * t_bar),
+        )
+
+
+def _is_save_state(x: Any) -> bool:
+    return isinstance(x, SaveState)
+
+
+def _save_states(tree: Any) -> list[SaveState]:
+    leaves = jtu.tree_leaves(tree, is_leaf=_is_save_state)
+    return [s for s in leaves if _is_save_state(s)]
+
+
+def output_cotangents(grad_final_state: Any, init_state: Any) -> list[PyTree[Array]]:
+    """The cotangent of each `SubSaveAt`'s output buffer, zeros where an output was
+    not differentiated. The forward pass allocated the buffers in `init_state`, so
+    their shapes are known even then."""
+    buffers = [s.ys for s in _save_states(init_state.save_state)]
+    if grad_final_state is None:
+        bars = []
+    else:
+        bars = [s.ys for s in _save_states(grad_final_state.save_state)]
+    if len(bars) == 0:
+        bars = [None] * len(buffers)
+    return [
+        jtu.tree_map(jnp.zeros_like, ys) if bar is None else materialise(bar, ys)
+        for ys, bar in zip(buffers, bars)
+    ]
+
+
+def select(tree: PyTree[Array], index: Int[Array, ""], pred: Any = True) -> PyTree:
+    """Entry `index` of every leaf of `tree`, or zeros where `pred` is false."""
+    return jtu.tree_map(lambda x: jnp.where(pred, x[index], 0), tree)
+
+
+def pull_back_save(
+    sub: diffrax.SubSaveAt,
+    cotangent: PyTree,
+    times: StepTimes,
+    n: Int[Array, ""],
+    y: PyTree,
+    args: PyTree,
+    y_bar: PyTree,
+    grads: InputCotangents,
+) -> tuple[PyTree, InputCotangents]:
+    """Pull `cotangent` back through the output `sub.fn(t_n, y, args)` saved at step
+    n, adding to the cotangents of `y` and of the inputs."""
+    _, vjp = eqx.filter_vjp(sub.fn, times[n], y, args)
+    t_bar, y_bar_, args_bar = vjp(diff_part(cotangent))
+    grads = grads.add_args(args_bar).add_time(times, n, t_bar)
+    return add(y_bar, y_bar_), grads
+
+
+class SavedOutputs(eqx.Module):
+    """The `SubSaveAt`s of the solve and the cotangents their outputs received.
+
+    Each sub's outputs are laid out as `[t0] [ts...] [steps...] [t1]`; this class
+    pulls each cotangent back to the state (and time) it was saved from, as the
+    backward pass reaches that state.
+    """
+
+    subs: list[diffrax.SubSaveAt]  # with the differentiable `ts`
+    bars: list[PyTree[Array]]  # the cotangent of each sub's output buffer
+
+    def _with_ts(self):
+        """`(i, sub, bar)` for the i-th sub with `ts`."""
+        pairs = [(s, b) for s, b in zip(self.subs, self.bars) if s.ts is not None]
+        return [(i, s, b) for i, (s, b) in enumerate(pairs)]
+
+    def at_final_step(self, times, y, args, y_bar, grads):
+        """Outputs saved at t1 and after the last step, from y_N."""
+        n = times.num_steps
+        for sub, bar in zip(self.subs, self.bars):
+            leaves = jtu.tree_leaves(bar)
+            size = leaves[0].shape[0] if leaves else 0
+            if size == 0:
+                continue
+            index, pred = t1_output(sub, n)
+            cotangent = select(bar, jnp.minimum(index, size - 1), pred)
+            y_bar, grads = pull_back_save(
+                sub, cotangent, times, n, y, args, y_bar, grads
+            )
+        return self.at_step(times, n, y, args, y_bar, grads)
+
+    def at_step(self, times, n, y, args, y_bar, grads):
+        """Outputs of `SubSaveAt(steps=k)` saved after accepted step n, from y_n."""
+        for sub, bar in zip(self.subs, self.bars):
+            if sub.steps == 0:
+                continue
+            index, pred = steps_output(sub, n)
+            cotangent = select(bar, index, pred)
+            y_bar, grads = pull_back_save(
+                sub, cotangent, times, n, y, args, y_bar, grads
+            )
+        return y_bar, grads
+
+    def in_step(self, times, m, dense_info, interpolation_cls, args, ts_left, grads):
+        """Outputs of `SubSaveAt(ts=...)` interpolated in step m (those with
+        t_m < ts_k <= t_{m+1}, and ts_k = t_0 on the first step), pulled back to the
+        step's dense information. `ts_left[i]` counts the i-th sub's `ts` not yet
+        pulled back."""
+        dense_info_bar = zero_cotangent(dense_info)
+        new_left = []
+        for i, sub, bar in self._with_ts():
+            left, dense_info_bar, args_bar, ta_bar, tb_bar, ts_bar = _ts_in_step(
+                sub,
+                bar,
+                times,
+                m,
+                dense_info,
+                interpolation_cls,
+                args,
+                ts_left[i],
+                dense_info_bar,
+            )
+            new_left.append(left)
+            grads = grads.add_args(args_bar)
+            grads = grads.add_time(times, m, ta_bar).add_time(times, m + 1, tb_bar)
+            grads = eqx.tree_at(lambda g: g.ts[i], grads, grads.ts[i] + ts_bar)
+        return dense_info_bar, new_left, grads
+
+    def at_start(self, times, y0, args, ts_left, y_bar, grads):
+        """Outputs saved at t0, from y_0: `SubSaveAt(t0=True)`, and the `ts` left
+        when t0 == t1 (diffrax then saves `fn(t0, y0, args)` for each)."""
+        zero = jnp.asarray(0)
+        for i, sub, bar in self._with_ts():
+            offset = 1 if sub.t0 else 0
+
+            def body(carry, sub=sub, bar=bar, offset=offset):
+                left, y_bar_, grads_ = carry
+                cotangent = select(bar, offset + left - 1)
+                y_bar_, grads_ = pull_back_save(
+                    sub, cotangent, times, zero, y0, args, y_bar_, grads_
+                )
+                return left - 1, y_bar_, grads_
+
+            _, y_bar, grads = lax.while_loop(
+                lambda c: c[0] > 0, body, (ts_left[i], y_bar, grads)
+            )
+        for sub, bar in zip(self.subs, self.bars):
+            if sub.t0:
+                cotangent = select(bar, zero)
+                y_bar, grads = pull_back_save(
+                    sub, cotangent, times, zero, y0, args, y_bar, grads
+                )
+        return y_bar, grads
+
+
+def _ts_in_step(
+    sub, bar, times, m, dense_info, interpolation_cls, args, left, dense_info_bar
+):
+    """The `SaveAt(ts)` outputs of one sub interpolated in step m: a while loop over
+    them, latest first. Returns the cotangents of the dense information, `args`,
+    t_m, t_{m+1} and `ts`."""
+    t_a = times[m]
+    t_b = times[m + 1]
+    ts = sub.ts
+    offset = 1 if sub.t0 else 0
+
+    def save(dense_info_, t_a_, t_b_, t_k, args_):
+        interpolation = interpolation_cls(t0=t_a_, t1=t_b_, **dense_info_)
+        return sub.fn(t_k, interpolation.evaluate(t_k), args_)
+
+    def cond(carry):
+        left_ = carry[0]
+        return (left_ > 0) & ((m == 0) | (ts[jnp.maximum(left_ - 1, 0)] > t_a))
+
+    def body(carry):
+        left_, d_bar, args_bar, ta_bar, tb_bar, ts_bar = carry
+        k = left_ - 1
+        _, vjp = eqx.filter_vjp(save, dense_info, t_a, t_b, ts[k], args)
+        cotangent = diff_part(select(bar, offset + k))
+        d_bar_, ta_bar_, tb_bar_, tk_bar, args_bar_ = vjp(cotangent)
+        return (
+            k,
+            add(d_bar, d_bar_),
+            add(args_bar, args_bar_),
+            ta_bar + ta_bar_,
+            tb_bar + tb_bar_,
+            ts_bar.at[k].add(tk_bar),
+        )
+
+    zero = jnp.zeros((), jnp.result_type(t_a))
+    init = (left, dense_info_bar, zero_cotangent(args), zero, zero, jnp.zeros_like(ts))
+    return lax.while_loop(cond, body, init)

@@ -1,0 +1,134 @@
+"""Forward recording: run diffrax's loop, and also record the accepted step times
+(and, with `checkpoint_every`, the checkpoints) that the backward pass needs."""
+
+import functools as ft
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+from diffrax._integrate import SaveState
+from jaxtyping import Array, Float, Int, PyTree
+
+from .checkpoints import (
+    checkpointing_outer_loop,
+    empty_checkpoints,
+    num_checkpoints,
+    outer_loop,
+)
+from .saveat import replace_ts
+
+
+inner_loop = jax.named_call(eqxi.while_loop, name="inner-loop")
+
+
+class DiffInputs(eqx.Module):
+    """The inputs of the solve that receive cotangents."""
+
+    y0: PyTree
+    args: PyTree
+    terms: PyTree
+    t0: Any
+    t1: Any
+    ts: list[Array]  # the `ts` of each `SubSaveAt` that has them
+    # Only differentiable: the loop uses a stop-gradiented copy, and the cotangent
+    # comes from the dependence of the step times on it (`StepTimes`).
+    dt0: Any
+
+
+class Residuals(eqx.Module):
+    """What the forward pass keeps for the backward pass: O(1) states, plus one time
+    per step and `max_steps // k` checkpoints."""
+
+    y: PyTree  # y_N
+    solver_state: PyTree  # the solver state at t_N
+    step_times: Float[Array, " max_steps"]  # t_1, ..., t_N, then inf
+    num_steps: Int[Array, ""]  # N
+    checkpoints: PyTree[Array] | None
+
+
+def _record_nothing(t, y, args):
+    # Used with `SubSaveAt(steps=True)` so that diffrax records the accepted step
+    # times (one scalar per step) and nothing else.
+    del t, y, args
+    return None
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _with_step_time_recording(init_state, max_steps: int):
+    """Add a second save state that records one time per accepted step."""
+    record_state = SaveState(
+        saveat_ts_index=0,
+        ts=jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_state.tprev)),
+        ys=None,
+        save_index=0,
+    )
+    return eqx.tree_at(
+        lambda s: s.save_state,
+        init_state,
+        (init_state.save_state, record_state),
+        is_leaf=_is_none,
+    )
+
+
+def forward(
+    inputs: DiffInputs,
+    *,
+    adjoint,
+    init_state,
+    saveat: diffrax.SaveAt,
+    max_steps: int,
+    with_checkpoints: bool,
+    **loop_kwargs,
+) -> tuple[tuple[Any, Any], Residuals]:
+    """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
+    residuals of the backward pass."""
+    saveat = replace_ts(saveat, inputs.ts)
+    init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
+    init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
+    init_state = _with_step_time_recording(init_state, max_steps)
+    recording_saveat = diffrax.SaveAt(
+        subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
+    )
+    count = num_checkpoints(adjoint.checkpoint_every, max_steps)
+    out = []
+    if with_checkpoints and count > 0:
+        outer_while_loop = ft.partial(
+            checkpointing_outer_loop,
+            every=adjoint.checkpoint_every,
+            checkpoints=empty_checkpoints(
+                (init_state.y, init_state.solver_state), count
+            ),
+            out=out,
+        )
+    else:
+        outer_while_loop = ft.partial(outer_loop, kind="lax")
+    final_state, aux_stats = adjoint._loop(
+        args=inputs.args,
+        terms=inputs.terms,
+        saveat=recording_saveat,
+        init_state=init_state,
+        max_steps=max_steps,
+        t0=inputs.t0,
+        t1=inputs.t1,
+        inner_while_loop=ft.partial(inner_loop, kind="lax"),
+        outer_while_loop=outer_while_loop,
+        **loop_kwargs,
+    )
+    user_save_state, record_state = final_state.save_state
+    final_state = eqx.tree_at(
+        lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
+    )
+    residuals = Residuals(
+        y=final_state.y,
+        solver_state=final_state.solver_state,
+        step_times=record_state.ts,
+        num_steps=final_state.num_accepted_steps,
+        checkpoints=out[0] if out else None,
+    )
+    return (final_state, aux_stats), residuals
