@@ -1,10 +1,21 @@
 """The `custom_vjp` around the solve: `forward` on the way in, `backward` on the way
-out."""
+out; and the refusal of higher-order derivatives."""
 
 import equinox as eqx
 
 from .backward import backward
 from .forward import DiffInputs, forward
+
+
+_HIGHER_ORDER_MESSAGE = (
+    "`ReversibleAdjoint` computes first derivatives only. Its backward pass rebuilds "
+    "the solve from its final state, and JAX cannot differentiate that rebuilt "
+    "solve correctly, so second derivatives (`jax.hessian`, "
+    "`jax.jacfwd(jax.jacrev(...))`, `jax.jvp` of `jax.grad`, or `jax.grad` of "
+    "`jax.grad`) are refused instead of returned wrong. Use "
+    "`adjoint=diffrax.DirectAdjoint()`, which supports forward- and reverse-mode "
+    "derivatives of any order, for the solve you need them of."
+)
 
 
 @eqx.filter_custom_vjp
@@ -18,6 +29,43 @@ def _loop_reversible_fwd(perturbed, inputs: DiffInputs, **kwargs):
     del perturbed
     out, residuals = forward(inputs, with_checkpoints=True, **kwargs)
     return out, residuals
+
+
+@eqx.filter_custom_jvp
+def _backward_first_order(
+    residuals,
+    grad_final_state,
+    inputs,
+    solver,
+    stepsize_controller,
+    saveat,
+    init_state,
+    *,
+    perturbed,
+    adjoint,
+):
+    """`backward`, behind a `custom_jvp` whose rule refuses to be differentiated.
+
+    Every argument that may hold arrays is positional, so that any differentiation
+    of the backward pass reaches the rule below (keyword arguments are treated as
+    constants)."""
+    return backward(
+        residuals,
+        grad_final_state,
+        perturbed,
+        inputs,
+        adjoint=adjoint,
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        saveat=saveat,
+        init_state=init_state,
+    )
+
+
+@_backward_first_order.def_jvp
+def _refuse_higher_order(primals, tangents, **kwargs):
+    del primals, tangents, kwargs
+    raise NotImplementedError(_HIGHER_ORDER_MESSAGE)
 
 
 @loop_reversible.def_bwd
@@ -36,14 +84,14 @@ def _loop_reversible_bwd(
 ):
     del kwargs
     grad_final_state, _ = grad_out
-    return backward(
+    return _backward_first_order(
         residuals,
         grad_final_state,
-        perturbed,
         inputs,
+        solver,
+        stepsize_controller,
+        saveat,
+        init_state,
+        perturbed=perturbed,
         adjoint=adjoint,
-        solver=solver,
-        stepsize_controller=stepsize_controller,
-        saveat=saveat,
-        init_state=init_state,
     )
