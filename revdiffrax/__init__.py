@@ -3,7 +3,10 @@ for diffrax."""
 
 import importlib.metadata
 
-from ._adjoint import ReversibleAdjoint as ReversibleAdjoint
+from ._adjoint import (
+    DriftWarning as DriftWarning,
+    ReversibleAdjoint as ReversibleAdjoint,
+)
 from ._checkpoint_choice import (
     CheckpointChoice as CheckpointChoice,
     choose_checkpoint_every as choose_checkpoint_every,

@@ -18,3 +18,4 @@ One concern per module:
 """
 
 from .adjoint import ReversibleAdjoint as ReversibleAdjoint
+from .drift import DriftWarning as DriftWarning

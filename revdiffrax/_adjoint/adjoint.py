@@ -2,7 +2,7 @@
 call into the `custom_vjp` loop."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import diffrax
 import equinox as eqx
@@ -51,7 +51,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     Supports gradients with respect to `y0`, `args`, the `terms` (e.g. a neural
     network vector field), `t0`, `t1` and `SaveAt(ts=...)`; all step size
     controllers (with rejected steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
-    fn=...)`; `jax.jit` and `jax.vmap`. Only reverse-mode autodiff is supported.
+    fn=...)`; `jax.jit` and `jax.vmap`. Only first derivatives in reverse mode: forward
+    mode (`jax.jvp`) and second derivatives (`jax.hessian`, `jax.grad` of `jax.grad`)
+    raise an error that points to `diffrax.DirectAdjoint`.
 
     The backward pass ends by rebuilding `y0`, which is also known exactly; the
     relative difference $\|\hat y_0 - y_0\|_2 / \|y_0\|_2$ measures how much rounding
@@ -86,13 +88,22 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         ```
     """
 
-    drift_tol: float | None = None
+    drift_tol: float | Literal["auto"] | None = eqx.field(default="auto", static=True)
     drift_callback: Callable[[jax.Array], Any] | None = eqx.field(
         default=None, static=True
     )
     checkpoint_every: int | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
+        tol = self.drift_tol
+        if not (tol is None or tol == "auto" or isinstance(tol, (int, float))) or (
+            isinstance(tol, bool)
+        ):
+            raise ValueError(
+                '`drift_tol` must be a number (raise an error above it), "auto" (the '
+                "default: warn above the square root of the machine epsilon) or None "
+                f"(no check), got {tol!r}."
+            )
         k = self.checkpoint_every
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(
@@ -156,9 +167,14 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
 
 ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
 
-- `drift_tol`: if set, the backward pass raises an error (via `equinox.error_if`,
-    so also under `jax.jit`) when the relative reconstruction error of `y0` exceeds
-    this value, i.e. when the gradient should not be trusted.
+- `drift_tol`: what to do with the relative reconstruction error ("drift") of the
+    backward pass, i.e. how far the rebuilt `y0` (and, with `checkpoint_every`, the
+    rebuilt checkpointed states) are from the true ones. `"auto"` (default): issue
+    a [`revdiffrax.DriftWarning`][], once per compilation, when the drift exceeds the
+    square root of the machine epsilon of the state's dtype (3.5e-4 in float32,
+    1.5e-8 in float64), i.e. when about half the digits are lost. A number: raise an
+    error (via `equinox.error_if`, so also under `jax.jit`) when the drift exceeds it.
+    `None`: no check.
 - `drift_callback`: if set, called on the host (via `jax.debug.callback`) with the
     relative reconstruction error of `y0` every time a gradient is computed, e.g.
     `drifts = []; ReversibleAdjoint(drift_callback=drifts.append)`. With

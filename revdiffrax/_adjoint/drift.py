@@ -1,12 +1,15 @@
 """The reconstruction drift: how far the backward pass's rebuilt states are from the
 states of the forward pass, measured where both are known (`y0`, checkpoints)."""
 
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
@@ -22,26 +25,86 @@ def relative_drift(y_rec: PyTree[Array], y_true: PyTree[Array]) -> Float[Array, 
     return jnp.where(size > 0, err / jnp.where(size > 0, size, 1), err)
 
 
-_DRIFT_MESSAGE = (
-    "ReversibleAdjoint: the backward pass reconstructed the solution with a "
-    "relative error above drift_tol={tol}, so the gradient is inaccurate. Use "
-    "`ReversibleAdjoint(checkpoint_every=k)` (see "
+class DriftWarning(UserWarning):
+    """Issued by [`revdiffrax.ReversibleAdjoint`][] when the backward pass rebuilt the
+    solve with a large relative error, so that the gradient may be inaccurate.
+
+    Silence it with `ReversibleAdjoint(drift_tol=None)`, or with
+    `warnings.simplefilter("ignore", revdiffrax.DriftWarning)`; turn it into an error
+    with `ReversibleAdjoint(drift_tol=tol)`.
+    """
+
+
+_ADVICE = (
+    "Use `ReversibleAdjoint(checkpoint_every=k)` (see "
     "`revdiffrax.choose_checkpoint_every`), float64, a coupling closer to 1, or "
     "`diffrax.RecursiveCheckpointAdjoint()`."
 )
+_DRIFT_MESSAGE = (
+    "ReversibleAdjoint: the backward pass reconstructed the solution with a "
+    "relative error above drift_tol={tol}, so the gradient is inaccurate. " + _ADVICE
+)
+_WARNING_MESSAGE = (
+    "ReversibleAdjoint: the backward pass reconstructed the solution with a "
+    "relative error of {drift:.2e}, above {tol:.1e} (the square root of {dtype}'s "
+    "machine epsilon), so the gradient may be inaccurate. " + _ADVICE + " Pass "
+    "`drift_tol=<float>` to raise an error instead, or `drift_tol=None` to switch "
+    "this check off. (Shown once per compilation.)"
+)
+
+
+def auto_drift_tol(dtype: Any) -> float:
+    """The default warning threshold: half the digits of `dtype` lost."""
+    return float(np.sqrt(np.finfo(dtype).eps))
+
+
+class _WarnOnce:
+    """A host-side callback that warns the first time it sees a drift above `tol`.
+    One is made per trace, so the warning appears once per compilation."""
+
+    def __init__(self, tol: float, dtype: Any):
+        self.tol = tol
+        self.dtype = np.dtype(dtype).name
+        self.warned = False
+
+    def __call__(self, drift: np.ndarray) -> None:
+        worst = float(np.max(np.where(np.isnan(drift), np.inf, drift)))
+        if self.warned or not worst > self.tol:
+            return
+        self.warned = True
+        message = _WARNING_MESSAGE.format(drift=worst, tol=self.tol, dtype=self.dtype)
+        warnings.warn(message, DriftWarning, stacklevel=2)
+
+
+def _warn_if_large(drift: Float[Array, ""]) -> None:
+    tol = auto_drift_tol(drift.dtype)
+    warn = _WarnOnce(tol, drift.dtype)
+    # Under a `cond`, so that a small drift costs no host round trip. (Under `vmap`
+    # the `cond` becomes a `select` and the host checks the value again.)
+    lax.cond(
+        jnp.logical_not(drift <= tol),
+        lambda d: jax.debug.callback(warn, d),
+        lambda d: None,
+        drift,
+    )
 
 
 def report_drift(
     cotangents: PyTree,
     drift: Float[Array, ""],
-    drift_tol: float | None,
+    drift_tol: float | Literal["auto"] | None,
     drift_callback: Callable[[Array], Any] | None,
 ) -> PyTree:
-    """Hand `drift` to the callback, and attach the `drift_tol` check to every
-    cotangent, so that it survives whichever of them are used."""
+    """Hand `drift` to the callback, then check it: `"auto"` warns above the square
+    root of the machine epsilon, a float raises above it (attached to every
+    cotangent, so that the check survives whichever of them are used), `None` does
+    nothing."""
     if drift_callback is not None:
         jax.debug.callback(drift_callback, drift)
     if drift_tol is None:
+        return cotangents
+    if isinstance(drift_tol, str):
+        _warn_if_large(drift)
         return cotangents
     # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
     return eqx.error_if(
