@@ -6,11 +6,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 
@@ -59,34 +60,43 @@ def auto_drift_tol(dtype: Any) -> float:
 
 
 class _WarnOnce:
-    """A host-side callback that warns the first time it sees a drift above `tol`.
-    One is made per trace, so the warning appears once per compilation."""
+    """A host-side identity on the cotangents that warns the first time it sees a
+    drift above `tol`. One is made per trace, so the warning appears once per
+    compilation."""
 
     def __init__(self, tol: float, dtype: Any):
         self.tol = tol
         self.dtype = np.dtype(dtype).name
         self.warned = False
 
-    def __call__(self, drift: np.ndarray) -> None:
+    def __call__(self, cotangents: PyTree, drift: np.ndarray) -> PyTree:
         worst = float(np.max(np.where(np.isnan(drift), np.inf, drift)))
-        if self.warned or not worst > self.tol:
-            return
-        self.warned = True
-        message = _WARNING_MESSAGE.format(drift=worst, tol=self.tol, dtype=self.dtype)
-        warnings.warn(message, DriftWarning, stacklevel=2)
+        if not self.warned and worst > self.tol:
+            self.warned = True
+            message = _WARNING_MESSAGE.format(
+                drift=worst, tol=self.tol, dtype=self.dtype
+            )
+            warnings.warn(message, DriftWarning, stacklevel=2)
+        return cotangents
 
 
-def _warn_if_large(drift: Float[Array, ""]) -> None:
-    tol = auto_drift_tol(drift.dtype)
-    warn = _WarnOnce(tol, drift.dtype)
-    # Under a `cond`, so that a small drift costs no host round trip. (Under `vmap`
-    # the `cond` becomes a `select` and the host checks the value again.)
-    lax.cond(
-        jnp.logical_not(drift <= tol),
-        lambda d: jax.debug.callback(warn, d),
-        lambda d: None,
-        drift,
-    )
+def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
+    """Pass the cotangents through a host callback that warns, when the drift is
+    large. As in `equinox.error_if`: a `pure_callback` under a `cond` whose output the
+    cotangents depend on, so that it runs whichever cotangents are used, and costs
+    nothing when it is not taken (a `debug.callback`, which has side effects, costs a
+    host synchronisation on every call)."""
+    warn = _WarnOnce(auto_drift_tol(drift.dtype), drift.dtype)
+    # `unvmap_any`: under `vmap`, one `cond` for the batch, not a `select`.
+    pred = eqxi.unvmap_any(jnp.logical_not(drift <= warn.tol))
+
+    def handle(cotangents_, drift_):
+        struct = jax.eval_shape(lambda: cotangents_)
+        return jax.pure_callback(
+            warn, struct, cotangents_, drift_, vmap_method="broadcast_all"
+        )
+
+    return lax.cond(pred, handle, lambda c, _: c, cotangents, drift)
 
 
 def report_drift(
@@ -104,8 +114,7 @@ def report_drift(
     if drift_tol is None:
         return cotangents
     if isinstance(drift_tol, str):
-        _warn_if_large(drift)
-        return cotangents
+        return _warn_if_large(cotangents, drift)
     # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
     return eqx.error_if(
         cotangents,
