@@ -27,50 +27,42 @@ DirectAdjoint), time within 1.2x of k=None.
 """
 
 import argparse
-import math
 import os
 import platform
-import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
+import diffrax
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import revdiffrax
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import revdiffrax  # noqa: E402
+# Importing `experiments` switches on float64 (experiments/__init__.py).
+from experiments.data import load_motion_capture, PENDULUM_FORMAT
+from experiments.double_pendulum import simulate_pendulum
+from experiments.harness import compile_timed, interleaved_times, tree_rel_error
+from experiments.problem import interpolate_steps
+from experiments.report import markdown_table
+from jaxtyping import PyTree
 
 # The rule of `revdiffrax.choose_checkpoint_every`, applied to the drifts measured
 # here (which also measures gradient errors, so it compiles its own gradients).
-from revdiffrax._checkpoint_choice import _default_drift_tol, _pick  # noqa: E402
+from revdiffrax._checkpoint_choice import _default_drift_tol, _pick
 
 
 COUPLINGS = (0.9, 0.99, 0.999)
 KS = (None, 10, 100, 1000)
 
 
-def cast(tree, dtype):
+def cast(tree: PyTree, dtype: jnp.dtype) -> PyTree:
     return jax.tree_util.tree_map(
         lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree
     )
-
-
-def rel_error(g, ref):
-    g = jax.tree_util.tree_leaves(g)
-    ref = jax.tree_util.tree_leaves(ref)
-    num = math.sqrt(
-        sum(float(jnp.sum((a.astype(jnp.float64) - b) ** 2)) for a, b in zip(g, ref))
-    )
-    den = math.sqrt(sum(float(jnp.sum(b**2)) for b in ref))
-    return num / den
 
 
 class Case(eqx.Module):
@@ -79,10 +71,10 @@ class Case(eqx.Module):
     differentiated; `base()` makes the base solver."""
 
     name: str = eqx.field(static=True)
-    loss: object = eqx.field(static=True)
-    base: object = eqx.field(static=True)
-    params: object
-    data: object
+    loss: Callable = eqx.field(static=True)
+    base: Callable[[], diffrax.AbstractSolver] = eqx.field(static=True)
+    params: PyTree
+    data: PyTree
 
 
 # ---------------------------------------------------------------------------
@@ -90,10 +82,10 @@ class Case(eqx.Module):
 # ---------------------------------------------------------------------------
 
 
-def pendulum_case(data_path, n_points, t_max, pretrain):
-    from experiments.data import PENDULUM_FORMAT, load_motion_capture
-    from experiments.double_pendulum import simulate_pendulum
-
+def _pendulum_data(
+    data_path: str | None, n_points: int, t_max: float
+) -> tuple[tuple[jax.Array, jax.Array], str]:
+    """(times, observations) of the double pendulum, and where they come from."""
     if data_path is None:
         tmp = tempfile.mkdtemp()
         data_path = simulate_pendulum(os.path.join(tmp, "simulated_double_pend.txt"))
@@ -103,61 +95,67 @@ def pendulum_case(data_path, n_points, t_max, pretrain):
     ts, ys = load_motion_capture(
         data_path, PENDULUM_FORMAT, t_max=t_max, n_points=n_points
     )
+    return (jnp.asarray(ts), jnp.asarray(ys)), source
+
+
+def _pendulum_loss(mlp, data, solver, adjoint):
+    ts, ys = data
+    dtype = ts.dtype
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, m: m(y)),
+        solver,
+        ts[0],
+        ts[-1],
+        ts[1] - ts[0],
+        ys[0],
+        args=mlp,
+        saveat=diffrax.SaveAt(steps=True),
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        adjoint=adjoint,
+        max_steps=2000,
+    )
+    # Linear interpolation of the steps onto the data times (as in the experiment;
+    # `SaveAt(ts=...)` would hit a diffrax 0.7.2 checkpointing bug in the reference).
+    pred = interpolate_steps(sol, ys[0], ts)
+    return jnp.mean((pred - ys) ** 2).astype(dtype)
+
+
+def _pretrain(mlp: eqx.nn.MLP, data, iters: int) -> eqx.nn.MLP:
+    """`iters` Adam steps on the pendulum data with `ReversibleAdjoint`."""
+    solver = revdiffrax.Reversible(diffrax.Bosh3())
+    opt = optax.adam(1e-2)
+    state = opt.init(eqx.filter(mlp, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(mlp, state):
+        g = eqx.filter_grad(
+            lambda m: _pendulum_loss(m, data, solver, revdiffrax.ReversibleAdjoint())
+        )(mlp)
+        updates, state = opt.update(g, state, eqx.filter(mlp, eqx.is_array))
+        return eqx.apply_updates(mlp, updates), state
+
+    for _ in range(iters):
+        mlp, state = step(mlp, state)
+    return mlp
+
+
+def pendulum_case(
+    data_path: str | None, n_points: int, t_max: float, pretrain: int
+) -> Case:
+    data, source = _pendulum_data(data_path, n_points, t_max)
     mlp = eqx.nn.MLP(4, 4, 10, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
-
-    def loss(mlp, data, solver, adjoint):
-        ts, ys = data
-        dtype = ts.dtype
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, m: m(y)),
-            solver,
-            ts[0],
-            ts[-1],
-            ts[1] - ts[0],
-            ys[0],
-            args=mlp,
-            saveat=diffrax.SaveAt(steps=True),
-            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
-            adjoint=adjoint,
-            max_steps=2000,
-        )
-        # Linear interpolation of the steps onto the data times (as in the
-        # experiment; `SaveAt(ts=...)` would hit a diffrax 0.7.2 checkpointing bug
-        # in the reference).
-        step_ts = jnp.concatenate([ts[:1], sol.ts])
-        step_ys = jnp.concatenate([ys[:1], sol.ys])
-        finite = jnp.isfinite(step_ts)
-        step_ts = jax.lax.stop_gradient(jnp.where(finite, step_ts, 2 * ts[-1] + 1))
-        step_ys = jnp.where(finite[:, None], step_ys, 0)
-        idx = jnp.clip(
-            jnp.searchsorted(step_ts, ts, side="right") - 1, 0, len(step_ts) - 2
-        )
-        w = ((ts - step_ts[idx]) / (step_ts[idx + 1] - step_ts[idx]))[:, None]
-        pred = step_ys[idx] + w * (step_ys[idx + 1] - step_ys[idx])
-        return jnp.mean((pred - ys) ** 2).astype(dtype)
-
-    data = (jnp.asarray(ts), jnp.asarray(ys))
     if pretrain > 0:
+        mlp = _pretrain(mlp, data, pretrain)
         solver = revdiffrax.Reversible(diffrax.Bosh3())
-        opt = optax.adam(1e-2)
-        state = opt.init(eqx.filter(mlp, eqx.is_array))
-
-        @eqx.filter_jit
-        def step(mlp, state):
-            g = eqx.filter_grad(
-                lambda m: loss(m, data, solver, revdiffrax.ReversibleAdjoint())
-            )(mlp)
-            updates, state = opt.update(g, state, eqx.filter(mlp, eqx.is_array))
-            return eqx.apply_updates(mlp, updates), state
-
-        for _ in range(pretrain):
-            mlp, state = step(mlp, state)
-        final = float(loss(mlp, data, solver, diffrax.RecursiveCheckpointAdjoint()))
+        rca = diffrax.RecursiveCheckpointAdjoint()
+        final = float(_pendulum_loss(mlp, data, solver, rca))
         print(
             f"(a) pendulum ({source} data): pretrained {pretrain} iterations, "
             f"loss {final:.3e}\n"
         )
-    return Case("(a) double pendulum, adaptive Bosh3", loss, diffrax.Bosh3, mlp, data)
+    return Case(
+        "(a) double pendulum, adaptive Bosh3", _pendulum_loss, diffrax.Bosh3, mlp, data
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +163,7 @@ def pendulum_case(data_path, n_points, t_max, pretrain):
 # ---------------------------------------------------------------------------
 
 
-def decay_case(num_steps):
+def decay_case(num_steps: int) -> Case:
     def loss(params, data, solver, adjoint):
         del data
         y0, a = params
@@ -201,7 +199,7 @@ def decay_case(num_steps):
 # ---------------------------------------------------------------------------
 
 
-def medium_case(num_steps, batch):
+def medium_case(num_steps: int, batch: int) -> Case:
     dim = 16
     mlp = eqx.nn.MLP(dim + 1, dim, 64, 2, activation=jnp.tanh, key=jr.PRNGKey(1))
     y0 = jr.normal(jr.PRNGKey(2), (batch, dim))
@@ -240,7 +238,9 @@ def medium_case(num_steps, batch):
 # ---------------------------------------------------------------------------
 
 
-def compile_grad(case, dtype, coupling, adjoint):
+def compile_grad(
+    case: Case, dtype: jnp.dtype, coupling: float, adjoint: diffrax.AbstractAdjoint
+) -> tuple[jax.stages.Compiled, PyTree, int]:
     """The compiled gradient (with respect to the params' float arrays) of one
     adjoint, its input and its compiled temporary memory."""
     params = cast(case.params, dtype)
@@ -254,26 +254,71 @@ def compile_grad(case, dtype, coupling, adjoint):
 
         return jax.grad(loss)(d)
 
-    compiled = jax.jit(grad).lower(diff).compile()
-    mem = compiled.memory_analysis().temp_size_in_bytes
+    compiled, _, mem = compile_timed(grad, diff)
     return compiled, diff, mem
 
 
-def interleaved_times(fns, repeats):
-    """Median times of `fns` (name -> (compiled, input)), timed round-robin so that
-    load changes on a shared machine hit every candidate alike."""
-    for fn, x in fns.values():
-        jax.block_until_ready(fn(x))  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, (fn, x) in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+def _stored_state_errors(
+    case: Case, coupling: float, ref: PyTree, fns: dict
+) -> tuple[float, float]:
+    """float32 errors of RecursiveCheckpointAdjoint (also timed: added to `fns`)
+    and DirectAdjoint against the float64 reference."""
+    fn, x, _ = compile_grad(
+        case, jnp.float32, coupling, diffrax.RecursiveCheckpointAdjoint()
+    )
+    fns["rca"] = (fn, x)
+    rca_err = tree_rel_error(fn(x), ref, norm="2")
+    # diffrax 0.7.2's RecursiveCheckpointAdjoint can be wrong with
+    # `SaveAt(ts=...)` (see README); DirectAdjoint is the second opinion.
+    fn, x, _ = compile_grad(case, jnp.float32, coupling, diffrax.DirectAdjoint())
+    return rca_err, tree_rel_error(fn(x), ref, norm="2")
 
 
-def run_case(case, repeats, couplings, ks):
+def _reversible_runs(
+    case: Case, dtype: jnp.dtype, coupling: float, ref: PyTree, ks, fns: dict
+) -> dict:
+    """k -> [error, largest segment drift, temp memory] of ReversibleAdjoint
+    (compiled gradients added to `fns` for timing)."""
+    results = {}
+    for k in ks:
+        drifts = []
+        adjoint = revdiffrax.ReversibleAdjoint(
+            checkpoint_every=k, drift_callback=drifts.append
+        )
+        fn, x, mem = compile_grad(case, dtype, coupling, adjoint)
+        g = fn(x)
+        jax.effects_barrier()
+        drift = max(float(np.max(np.asarray(d))) for d in drifts)
+        results[k] = [tree_rel_error(g, ref, norm="2"), drift, mem]
+        fns[k] = (fn, x)
+    return results
+
+
+def _summary_row(coupling, chosen, results, rca_err, direct_err, rca_time) -> tuple:
+    """The float32 target: the rule's k against the stored-state adjoints."""
+    err, _, _, t, t_min = results[chosen]
+    t_none, t_none_min = results[None][3:]
+    # The float32 error of a correct stored-state adjoint.
+    baseline = min(rca_err, direct_err)
+    met = err <= 10 * baseline and t <= 1.2 * t_none
+    return (
+        coupling,
+        str(chosen),
+        f"{err:.1e}",
+        f"{rca_err:.1e}",
+        f"{direct_err:.1e}",
+        f"{err / max(baseline, 1e-300):.2f}",
+        f"{t / t_none:.2f}",
+        f"{t_min / t_none_min:.2f}",
+        f"{1e3 * rca_time:.2f}",
+        "met" if met else "NOT met",
+    )
+
+
+def run_case(
+    case: Case, repeats: int, couplings: Sequence[float], ks: Sequence[int | None]
+) -> tuple[list[tuple], list[tuple]]:
+    """Table rows (every coupling, dtype and k) and float32 summary rows."""
     rows = []
     summary = []
     for coupling in couplings:
@@ -282,34 +327,12 @@ def run_case(case, repeats, couplings, ks):
         )
         ref = fn(x)
         for dtype in (jnp.float32, jnp.float64):
-            name = jnp.dtype(dtype).name
             fns = {}
+            rca_err = direct_err = None
             if dtype == jnp.float32:
-                fn, x, _ = compile_grad(
-                    case, dtype, coupling, diffrax.RecursiveCheckpointAdjoint()
-                )
-                fns["rca"] = (fn, x)
-                rca_err = rel_error(fn(x), ref)
-                # diffrax 0.7.2's RecursiveCheckpointAdjoint can be wrong with
-                # `SaveAt(ts=...)` (see README); DirectAdjoint is the second opinion.
-                fn, x, _ = compile_grad(case, dtype, coupling, diffrax.DirectAdjoint())
-                direct_err = rel_error(fn(x), ref)
-            else:
-                rca_err = direct_err = None
-            results = {}
-            for k in ks:
-                drifts = []
-                adjoint = revdiffrax.ReversibleAdjoint(
-                    checkpoint_every=k, drift_callback=drifts.append
-                )
-                fn, x, mem = compile_grad(case, dtype, coupling, adjoint)
-                g = fn(x)
-                jax.effects_barrier()
-                drift = max(float(np.max(np.asarray(d))) for d in drifts)
-                results[k] = [rel_error(g, ref), drift, mem]
-                fns[k] = (fn, x)
+                rca_err, direct_err = _stored_state_errors(case, coupling, ref, fns)
+            results = _reversible_runs(case, dtype, coupling, ref, ks, fns)
             times = interleaved_times(fns, repeats)
-            rca_time = times["rca"][0] if "rca" in times else None
             for k in ks:
                 results[k].extend(times[k])
             # The rule of `revdiffrax.choose_checkpoint_every`.
@@ -320,7 +343,7 @@ def run_case(case, repeats, couplings, ks):
                 rows.append(
                     (
                         coupling,
-                        name,
+                        jnp.dtype(dtype).name,
                         "None" if k is None else str(k),
                         f"{err:.1e}",
                         f"{drift:.1e}",
@@ -333,45 +356,43 @@ def run_case(case, repeats, couplings, ks):
                     )
                 )
             if dtype == jnp.float32:
-                err, _, _, t, t_min = results[chosen]
-                t_none, t_none_min = results[None][3:]
-                # The float32 error of a correct stored-state adjoint.
-                baseline = min(rca_err, direct_err)
-                met = err <= 10 * baseline and t <= 1.2 * t_none
                 summary.append(
-                    (
-                        coupling,
-                        str(chosen),
-                        f"{err:.1e}",
-                        f"{rca_err:.1e}",
-                        f"{direct_err:.1e}",
-                        f"{err / max(baseline, 1e-300):.2f}",
-                        f"{t / t_none:.2f}",
-                        f"{t_min / t_none_min:.2f}",
-                        f"{1e3 * rca_time:.2f}",
-                        "met" if met else "NOT met",
+                    _summary_row(
+                        coupling, chosen, results, rca_err, direct_err, times["rca"][0]
                     )
                 )
     return rows, summary
 
 
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
+TABLE_HEADER = (
+    "coupling",
+    "dtype",
+    "k",
+    "grad rel. error",
+    "max segment drift",
+    "temp MiB",
+    "grad ms (median)",
+    "grad ms (min)",
+    "rule's k",
+    "RCA f32 error",
+    "Direct f32 error",
+)
+SUMMARY_HEADER = (
+    "coupling",
+    "rule's k",
+    "error",
+    "RCA f32 error",
+    "Direct f32 error",
+    "error / best",
+    "time / time(k=None), median",
+    "same, min",
+    "RCA f32 ms",
+    "target",
+)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="real_double_pend_h_1.txt")
-    parser.add_argument("--cases", default="abc")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--pretrain", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    args = parser.parse_args(argv)
-
-    couplings = COUPLINGS
-    ks = KS
+def make_cases(args: argparse.Namespace) -> list[Case]:
+    """The cases selected by `--cases`, small with `--quick`."""
     cases = []
     if "a" in args.cases:
         if args.quick:
@@ -382,9 +403,20 @@ def main(argv=None):
         cases.append(decay_case(100 if args.quick else 1000))
     if "c" in args.cases:
         cases.append(medium_case(100, 4) if args.quick else medium_case(1000, 64))
-    if args.quick:
-        couplings, ks = (0.9,), (None, 10)
+    return cases
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None, help="real_double_pend_h_1.txt")
+    parser.add_argument("--cases", default="abc")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pretrain", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    args = parser.parse_args(argv)
+
+    cases = make_cases(args)
+    couplings, ks = ((0.9,), (None, 10)) if args.quick else (COUPLINGS, KS)
     print(
         f"# Drift control benchmark\n\nMachine: {platform.machine()}, "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}); "
@@ -395,45 +427,12 @@ def main(argv=None):
         start = time.perf_counter()
         rows, summary = run_case(case, args.repeats, couplings, ks)
         print(f"## {case.name}\n")
-        print(
-            table(
-                (
-                    "coupling",
-                    "dtype",
-                    "k",
-                    "grad rel. error",
-                    "max segment drift",
-                    "temp MiB",
-                    "grad ms (median)",
-                    "grad ms (min)",
-                    "rule's k",
-                    "RCA f32 error",
-                    "Direct f32 error",
-                ),
-                rows,
-            )
-        )
+        print(markdown_table(TABLE_HEADER, rows))
         print(
             "\nfloat32 target (error <= 10x the float32 error of the stored-state "
             "adjoints, the better of RCA and Direct; time <= 1.2x k=None):\n"
         )
-        print(
-            table(
-                (
-                    "coupling",
-                    "rule's k",
-                    "error",
-                    "RCA f32 error",
-                    "Direct f32 error",
-                    "error / best",
-                    "time / time(k=None), median",
-                    "same, min",
-                    "RCA f32 ms",
-                    "target",
-                ),
-                summary,
-            )
-        )
+        print(markdown_table(SUMMARY_HEADER, summary))
         print(f"\n({time.perf_counter() - start:.0f} s)\n", flush=True)
 
 

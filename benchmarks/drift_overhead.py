@@ -14,7 +14,6 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-
 import revdiffrax
 
 
@@ -53,9 +52,8 @@ def main() -> None:
             jax.block_until_ready(grads[name](model, adjoint, cli.steps))
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["None"])
-    print(
-        f"N={cli.steps} Midpoint steps, MLP 10x1, float{32 + 32 * jax.config.jax_enable_x64}"
-    )
+    bits = 32 + 32 * jax.config.jax_enable_x64
+    print(f"N={cli.steps} Midpoint steps, MLP 10x1, float{bits}")
     print("| drift_tol | median | min | median vs None |")
     print("|---|---|---|---|")
     for name in settings:

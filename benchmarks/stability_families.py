@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from collections.abc import Callable, Sequence
 
+import diffrax
 import jax
+import jax.numpy as jnp
+import numpy as np
+import revdiffrax
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import revdiffrax  # noqa: E402
+# Importing `experiments` switches on float64 (experiments/__init__.py).
+from experiments.report import markdown_table
 
 
 STABLE_TOL = 1e-9  # spectral radius <= 1 + STABLE_TOL counts as stable
@@ -40,12 +39,12 @@ STABLE_TOL = 1e-9  # spectral radius <= 1 + STABLE_TOL counts as stable
 ALF = revdiffrax.AsynchronousLeapfrog()
 
 
-def _term(u, v):
+def _term(u: jax.Array, v: jax.Array) -> diffrax.ODETerm:
     mat = jnp.stack([jnp.stack([u, -v]), jnp.stack([v, u])])
     return diffrax.ODETerm(lambda t, y, args: mat @ y)
 
 
-def _symmetric_map(solver):
+def _symmetric_map(solver: diffrax.AbstractSolver) -> Callable:
     """(y, aux) -> (y1, aux1) for ALF / ReversibleHeun-based solvers, h = 1."""
     base = solver
     if isinstance(solver, revdiffrax.SymmetricComposition):
@@ -65,7 +64,7 @@ def _symmetric_map(solver):
     return one_step
 
 
-def _coupled_map(solver):
+def _coupled_map(solver: revdiffrax.Reversible) -> Callable:
     """(y, z) -> (y1, z1) for `Reversible(base, coupling)`, h = 1."""
 
     def one_step(u, v, w):
@@ -83,26 +82,60 @@ def _coupled_map(solver):
 # (label, solver, vector-field evaluations per step, family)
 SOLVERS = [
     ("AsynchronousLeapfrog()", ALF, 1, "symmetric"),
-    ("AsynchronousLeapfrog(damping=0.9)", revdiffrax.AsynchronousLeapfrog(0.9), 1,
-     "damped"),
-    ("SymmetricComposition(ALF, 4)", revdiffrax.SymmetricComposition(ALF, 4), 3,
-     "symmetric"),
-    ("SymmetricComposition(ALF, 6)", revdiffrax.SymmetricComposition(ALF, 6), 18,
-     "symmetric"),
-    ("SymmetricComposition(ReversibleHeun, 4)",
-     revdiffrax.SymmetricComposition(revdiffrax.ReversibleHeun(), 4), 3, "symmetric"),
-    ("Reversible(Midpoint, 0.999)",
-     revdiffrax.Reversible(diffrax.Midpoint(), 0.999), 4, "coupled"),
-    ("Reversible(Midpoint, 0.9)", revdiffrax.Reversible(diffrax.Midpoint(), 0.9), 4,
-     "coupled"),
-    ("Reversible(Tsit5, 0.999)", revdiffrax.Reversible(diffrax.Tsit5(), 0.999), 12,
-     "coupled"),
-    ("Reversible(Tsit5, 0.9)", revdiffrax.Reversible(diffrax.Tsit5(), 0.9), 12,
-     "coupled"),
+    (
+        "AsynchronousLeapfrog(damping=0.9)",
+        revdiffrax.AsynchronousLeapfrog(0.9),
+        1,
+        "damped",
+    ),
+    (
+        "SymmetricComposition(ALF, 4)",
+        revdiffrax.SymmetricComposition(ALF, 4),
+        3,
+        "symmetric",
+    ),
+    (
+        "SymmetricComposition(ALF, 6)",
+        revdiffrax.SymmetricComposition(ALF, 6),
+        18,
+        "symmetric",
+    ),
+    (
+        "SymmetricComposition(ReversibleHeun, 4)",
+        revdiffrax.SymmetricComposition(revdiffrax.ReversibleHeun(), 4),
+        3,
+        "symmetric",
+    ),
+    (
+        "Reversible(Midpoint, 0.999)",
+        revdiffrax.Reversible(diffrax.Midpoint(), 0.999),
+        4,
+        "coupled",
+    ),
+    (
+        "Reversible(Midpoint, 0.9)",
+        revdiffrax.Reversible(diffrax.Midpoint(), 0.9),
+        4,
+        "coupled",
+    ),
+    (
+        "Reversible(Tsit5, 0.999)",
+        revdiffrax.Reversible(diffrax.Tsit5(), 0.999),
+        12,
+        "coupled",
+    ),
+    (
+        "Reversible(Tsit5, 0.9)",
+        revdiffrax.Reversible(diffrax.Tsit5(), 0.9),
+        12,
+        "coupled",
+    ),
 ]
 
 
-def spectral_radius_fn(solver, family):
+def spectral_radius_fn(
+    solver: diffrax.AbstractSolver, family: str
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     one_step = _coupled_map(solver) if family == "coupled" else _symmetric_map(solver)
 
     @jax.jit
@@ -119,7 +152,7 @@ def spectral_radius_fn(solver, family):
     return radius
 
 
-def _stable_extent(radius_on_ray, grid):
+def _stable_extent(radius_on_ray: np.ndarray, grid: np.ndarray) -> float:
     """Largest g in `grid` (increasing, from 0) such that all points up to g are
     stable."""
     stable = radius_on_ray <= 1 + STABLE_TOL
@@ -129,7 +162,7 @@ def _stable_extent(radius_on_ray, grid):
     return float(grid[-1] if len(bad) == 0 else grid[bad[0] - 1])
 
 
-def summarise(radius):
+def summarise(radius: Callable) -> tuple[float, float, float]:
     """Imaginary-axis extent, negative-real extent and stable square."""
     imag_grid = np.linspace(0.0, 8.0, 8001)
     imag = _stable_extent(radius(np.zeros_like(imag_grid), imag_grid), imag_grid)
@@ -148,7 +181,49 @@ def summarise(radius):
     return imag, real, strip
 
 
-def main(argv=None):
+TABLE_HEADER = (
+    "solver",
+    "family",
+    "f-evals/step",
+    "stable on imaginary axis, |Im x| <=",
+    "per f-eval",
+    "stable on negative real axis, -x <=",
+    "stable square r (-r <= Re x <= 0, |Im x| <= r)",
+)
+
+
+def _plot(
+    ax,
+    re: np.ndarray,
+    im: np.ndarray,
+    rad: np.ndarray,
+    title: str,
+    imag: float,
+    real: float,
+) -> None:
+    """Stable region (blue: spectral radius `rad` <= 1 on the grid `re` x `im`)
+    and stable part of the imaginary axis (red) of one solver."""
+    stable = (rad <= 1 + STABLE_TOL).astype(float)
+    ax.contourf(re, im, stable, levels=[0.5, 1.5], colors=["tab:blue"], alpha=0.5)
+    # The imaginary-axis interval, which is measure-zero in the 2-d grid.
+    ax.plot([0, 0], [-imag, imag], color="tab:red", lw=2.5)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    if 0 < real < re[1] - re[0]:
+        ax.text(
+            -0.48,
+            -3.7,
+            f"stable strip |Re x| <= {real:.3f}\n(thinner than a pixel)",
+            fontsize=8,
+        )
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("Re(h a)")
+    ax.set_ylabel("Im(h a)")
+    ax.set_xlim(re[0], re[-1])
+    ax.set_ylim(im[0], im[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> list[tuple]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/stability_families.png")
     parser.add_argument("--resolution", type=int, default=181)
@@ -173,24 +248,8 @@ def main(argv=None):
         rad = radius(uu.ravel(), vv.ravel()).reshape(uu.shape)
         imag, real, strip = summarise(radius)
         rows.append((label, family, evals, imag, real, strip))
-        stable = (rad <= 1 + STABLE_TOL).astype(float)
-        ax.contourf(re, im, stable, levels=[0.5, 1.5], colors=["tab:blue"], alpha=0.5)
-        # The imaginary-axis interval, which is measure-zero in the 2-d grid.
-        ax.plot([0, 0], [-imag, imag], color="tab:red", lw=2.5)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.axvline(0, color="k", lw=0.5)
-        if 0 < real < re[1] - re[0]:
-            ax.text(
-                -0.48, -3.7,
-                f"stable strip |Re x| <= {real:.3f}\n(thinner than a pixel)",
-                fontsize=8,
-            )
-        ax.set_title(f"{label}\n{evals} f-evals/step", fontsize=9)
-        ax.set_xlabel("Re(h a)")
-        ax.set_ylabel("Im(h a)")
-        ax.set_xlim(re[0], re[-1])
-        ax.set_ylim(im[0], im[-1])
-    for ax in axes.ravel()[len(SOLVERS):]:
+        _plot(ax, re, im, rad, f"{label}\n{evals} f-evals/step", imag, real)
+    for ax in axes.ravel()[len(SOLVERS) :]:
         ax.axis("off")
     fig.suptitle(
         "Linear stability of reversible solvers (blue: spectral radius of the "
@@ -203,17 +262,12 @@ def main(argv=None):
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
-    print(
-        "| solver | family | f-evals/step | stable on imaginary axis, |Im x| <= "
-        "| per f-eval | stable on negative real axis, -x <= | stable square r "
-        "(-r <= Re x <= 0, |Im x| <= r) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for label, family, evals, imag, real, strip in rows:
-        print(
-            f"| {label} | {family} | {evals} | {imag:.3f} | {imag / evals:.3f} "
-            f"| {real:.3f} | {strip:.3f} |"
-        )
+    cells = [
+        (label, family, evals, f"{imag:.3f}", f"{imag / evals:.3f}", f"{real:.3f}")
+        + (f"{strip:.3f}",)
+        for label, family, evals, imag, real, strip in rows
+    ]
+    print(markdown_table(TABLE_HEADER, cells))
     return rows
 
 

@@ -12,26 +12,25 @@ Without ``--data`` two coupled damped oscillators are simulated with parameters
 comparable to the recording, written in the same text format to the output
 directory, and read back through the same loader.
 
-    python -m experiments.coupled_oscillators --data ../shared/data/real_double_linear_h_1.txt
+    python -m experiments.coupled_oscillators \\
+        --data ../shared/data/real_double_linear_h_1.txt
     python -m experiments.coupled_oscillators --quick
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 
+import diffrax
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .common import Problem, run_experiment  # noqa: E402
-from .data import OSCILLATOR_FORMAT, load_motion_capture, write_motion_capture  # noqa: E402
+from .cli import run_experiment
+from .data import load_motion_capture, OSCILLATOR_FORMAT, write_motion_capture
+from .problem import Problem
 
 
 # Simulated system, in the recording's raw units (tracker pixels, seconds): two unit
@@ -47,7 +46,7 @@ SAMPLE_DT = 1 / 30
 DURATION = 16.5
 
 
-def oscillator_vector_field(t, y, args):
+def oscillator_vector_field(t: jax.Array, y: jax.Array, args: None) -> jax.Array:
     x1, x2, v1, v2 = y
     e1, e2 = EQUILIBRIUM
     d1, d2 = x1 - e1, x2 - e2
@@ -75,10 +74,12 @@ def simulate_oscillators(path: str) -> str:
     return write_motion_capture(path, OSCILLATOR_FORMAT, [(t, xs)])
 
 
-def build_problem(args) -> Problem:
+def build_problem(args: argparse.Namespace) -> Problem:
     n_points = 100 if args.quick else OSCILLATOR_FORMAT.n_points
     if args.data is None:
-        path = simulate_oscillators(os.path.join(args.out, "simulated_double_linear.txt"))
+        path = simulate_oscillators(
+            os.path.join(args.out, "simulated_double_linear.txt")
+        )
         source = f"simulated coupled damped oscillators ({path})"
     else:
         path = args.data

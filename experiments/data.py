@@ -73,7 +73,9 @@ PENDULUM_FORMAT = MotionCaptureFormat(
 )
 
 
-def read_motion_capture(path: str | os.PathLike, fmt: MotionCaptureFormat) -> np.ndarray:
+def read_motion_capture(
+    path: str | os.PathLike, fmt: MotionCaptureFormat
+) -> np.ndarray:
     """Read and validate a motion-capture file; returns all rows, shape (rows, cols).
 
     Raises `FileNotFoundError` if the file is missing and `ValueError` if it does not

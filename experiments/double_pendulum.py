@@ -18,20 +18,18 @@ format to the output directory, and read back through the same loader.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 
+import diffrax
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .common import Problem, run_experiment  # noqa: E402
-from .data import PENDULUM_FORMAT, load_motion_capture, write_motion_capture  # noqa: E402
+from .cli import run_experiment
+from .data import load_motion_capture, PENDULUM_FORMAT, write_motion_capture
+from .problem import Problem
 
 
 G = 9.81  # m/s^2
@@ -47,12 +45,14 @@ TRIALS_Y0 = ((-1.1336, -1.3008, -0.5385, -6.1551), (1.2, 0.4, 0.0, 2.0))
 MAX_STEPS = 2000
 
 
-def pendulum_accelerations(y):
+def pendulum_accelerations(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Angular accelerations of the double pendulum (angles from the downward
     vertical), from the Euler--Lagrange equations
 
-        (m1 + m2) l1 th1'' + m2 l2 th2'' cos(d) + m2 l2 w2^2 sin(d) + (m1 + m2) g sin(th1) = 0
-        l2 th2'' + l1 th1'' cos(d) - l1 w1^2 sin(d) + g sin(th2) = 0,   d = th1 - th2.
+        (m1 + m2) l1 th1'' + m2 l2 th2'' cos(d) + m2 l2 w2^2 sin(d)
+            + (m1 + m2) g sin(th1) = 0,
+        l2 th2'' + l1 th1'' cos(d) - l1 w1^2 sin(d) + g sin(th2) = 0,
+        d = th1 - th2.
     """
     th1, th2, w1, w2 = y[0], y[1], y[2], y[3]
     d = th1 - th2
@@ -64,7 +64,7 @@ def pendulum_accelerations(y):
     return (b1 * a22 - a12 * b2) / det, (a11 * b2 - a21 * b1) / det
 
 
-def pendulum_vector_field(t, y, args):
+def pendulum_vector_field(t: jax.Array, y: jax.Array, args: None) -> jax.Array:
     al1, al2 = pendulum_accelerations(y)
     return jnp.stack([y[2], y[3], al1, al2])
 
@@ -92,7 +92,7 @@ def simulate_pendulum(path: str) -> str:
     return write_motion_capture(path, PENDULUM_FORMAT, trials)
 
 
-def build_problem(args) -> Problem:
+def build_problem(args: argparse.Namespace) -> Problem:
     n_points = 100 if args.quick else PENDULUM_FORMAT.n_points
     t_max = 1.0 if args.quick else PENDULUM_FORMAT.t_max
     if args.data is None:

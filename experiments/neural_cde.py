@@ -19,22 +19,20 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import diffrax
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+import revdiffrax
+from jaxtyping import PyTree
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-import optax  # noqa: E402
-
-import revdiffrax  # noqa: E402
-
-from .common import fmt_bytes, machine_info  # noqa: E402
+from .harness import compile_timed
+from .report import fmt_bytes, machine_info
 
 
 def make_spirals(key, num_samples: int, num_obs: int):
@@ -67,8 +65,13 @@ class NeuralCDE(eqx.Module):
         k1, k2, k3 = jr.split(key, 3)
         self.initial = eqx.nn.Linear(channels, hidden, key=k1)
         self.field = eqx.nn.MLP(
-            hidden, hidden * channels, width, depth=1, activation=jax.nn.softplus,
-            final_activation=jnp.tanh, key=k2,
+            hidden,
+            hidden * channels,
+            width,
+            depth=1,
+            activation=jax.nn.softplus,
+            final_activation=jnp.tanh,
+            key=k2,
         )
         self.readout = eqx.nn.Linear(hidden, 1, key=k3)
         self.hidden, self.channels = hidden, channels
@@ -85,8 +88,13 @@ def logit(model, ts, values, adjoint, num_steps):
     sol = diffrax.diffeqsolve(
         diffrax.ControlTerm(_field, control),
         revdiffrax.Reversible(diffrax.Heun()),
-        ts[0], ts[-1], (ts[-1] - ts[0]) / num_steps, z0, args=model,
-        adjoint=adjoint, max_steps=num_steps,
+        ts[0],
+        ts[-1],
+        (ts[-1] - ts[0]) / num_steps,
+        z0,
+        args=model,
+        adjoint=adjoint,
+        max_steps=num_steps,
         saveat=diffrax.SaveAt(t1=True),
     )
     return model.readout(sol.ys[-1])[0]
@@ -113,7 +121,8 @@ def make_step(static, optim, adjoint, num_steps):
     return step, jax.jit(loss_fn)
 
 
-def _time_call(f, *args, reps):
+def _time_call(f: Callable, *args: Any, reps: int) -> float:
+    """Mean time of `reps` back-to-back calls of `f`, after a warm-up call."""
     out = f(*args)
     jax.block_until_ready(out)
     t = time.perf_counter()
@@ -123,17 +132,43 @@ def _time_call(f, *args, reps):
     return (time.perf_counter() - t) / reps
 
 
+def _config(quick: bool) -> dict:
+    return dict(
+        num_train=64 if quick else 512,
+        num_test=128 if quick else 512,
+        num_obs=24 if quick else 48,
+        hidden=8,
+        width=32,
+        num_steps=16 if quick else 32,
+        iters=30 if quick else 300,
+        lr=3e-2,
+        batch=64 if quick else 128,
+        timing_reps=2 if quick else 10,
+    )
+
+
+def _compile_steps(
+    static: PyTree, optim, cfg: dict, compare: bool, *args: Any
+) -> tuple[dict, dict]:
+    """Compile the training step for each adjoint (the reversible one trains, both
+    give the compiled temp memory and the time of one step)."""
+    comparison, compiled = {}, {}
+    adjoints = [("reversible", revdiffrax.ReversibleAdjoint())]
+    if compare:
+        adjoints.append(("checkpoint", diffrax.RecursiveCheckpointAdjoint()))
+    for name, adjoint in adjoints:
+        step, _ = make_step(static, optim, adjoint, cfg["num_steps"])
+        compiled[name], compile_s, temp = compile_timed(step, *args)
+        comparison[name] = dict(temp_bytes=temp, compile_s=compile_s)
+    return comparison, compiled
+
+
 def run(quick: bool, seed: int = 0, compare: bool | None = None) -> dict:
     """Train and evaluate; `compare` (default: not in quick mode) also compiles and
     times the RecursiveCheckpointAdjoint training step for the comparison."""
     if compare is None:
         compare = not quick
-    cfg = dict(
-        num_train=64 if quick else 512, num_test=128 if quick else 512,
-        num_obs=24 if quick else 48, hidden=8, width=32,
-        num_steps=16 if quick else 32, iters=30 if quick else 300, lr=3e-2,
-        batch=64 if quick else 128, timing_reps=2 if quick else 10,
-    )
+    cfg = _config(quick)
     key = jr.PRNGKey(seed)
     kdata, ktest, kmodel, kbatch = jr.split(key, 4)
     train = make_spirals(kdata, cfg["num_train"], cfg["num_obs"])
@@ -143,22 +178,9 @@ def run(quick: bool, seed: int = 0, compare: bool | None = None) -> dict:
     optim = optax.adam(cfg["lr"])
     opt_state = optim.init(params)
     batch = tuple(a[: cfg["batch"]] for a in train)
-
-    # Compile the training step for both adjoints once: the reversible one trains,
-    # both give the compiled temp memory and the time of one step.
-    comparison, compiled = {}, {}
-    adjoints = [("reversible", revdiffrax.ReversibleAdjoint())]
-    if compare:
-        adjoints.append(("checkpoint", diffrax.RecursiveCheckpointAdjoint()))
-    for name, adjoint in adjoints:
-        s, _ = make_step(static, optim, adjoint, cfg["num_steps"])
-        t0 = time.perf_counter()
-        compiled[name] = s.lower(params, opt_state, *batch).compile()
-        stats = compiled[name].memory_analysis()
-        comparison[name] = dict(
-            temp_bytes=None if stats is None else int(stats.temp_size_in_bytes),
-            compile_s=time.perf_counter() - t0,
-        )
+    comparison, compiled = _compile_steps(
+        static, optim, cfg, compare, params, opt_state, *batch
+    )
     step = compiled["reversible"]
     _, evaluate = make_step(
         static, optim, revdiffrax.ReversibleAdjoint(), cfg["num_steps"]
@@ -181,10 +203,17 @@ def run(quick: bool, seed: int = 0, compare: bool | None = None) -> dict:
         )
 
     return dict(
-        experiment="neural_cde", quick=quick, seed=seed, config=cfg,
-        initial_test_loss=test_loss0, initial_test_accuracy=test_acc0,
-        final_test_loss=test_loss, final_test_accuracy=test_acc,
-        train_losses=losses, train_time_s=train_time, comparison=comparison,
+        experiment="neural_cde",
+        quick=quick,
+        seed=seed,
+        config=cfg,
+        initial_test_loss=test_loss0,
+        initial_test_accuracy=test_acc0,
+        final_test_loss=test_loss,
+        final_test_accuracy=test_acc,
+        train_losses=losses,
+        train_time_s=train_time,
+        comparison=comparison,
         machine=machine_info(),
     )
 
@@ -194,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny run (< 30 s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--compare", action=argparse.BooleanOptionalAction, default=None,
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also compile/time RecursiveCheckpointAdjoint (default: unless --quick)",
     )
     parser.add_argument(

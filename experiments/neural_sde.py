@@ -19,22 +19,17 @@ import os
 import time
 from collections.abc import Sequence
 
+import diffrax
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optax
+import revdiffrax
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.random as jr  # noqa: E402
-import lineax as lx  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import revdiffrax  # noqa: E402
-
-from .common import machine_info  # noqa: E402
+from .report import machine_info
 
 
 THETA, MU, SIGMA, X0, T1 = 1.5, 1.0, 0.5, 0.0, 2.0
@@ -77,8 +72,15 @@ def sample_paths(model, keys, ts, num_steps, adjoint):
             diffrax.ODETerm(_drift), diffrax.ControlTerm(_diffusion, bm)
         )
         sol = diffrax.diffeqsolve(
-            terms, revdiffrax.Reversible(diffrax.Heun()), 0.0, T1, T1 / num_steps,
-            jnp.array([X0]), args=model, adjoint=adjoint, max_steps=num_steps,
+            terms,
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            T1,
+            T1 / num_steps,
+            jnp.array([X0]),
+            args=model,
+            adjoint=adjoint,
+            max_steps=num_steps,
             saveat=diffrax.SaveAt(ts=ts),
         )
         return sol.ys[:, 0]
@@ -101,8 +103,12 @@ def _moment_error(paths, mean, var):
 
 def run(quick: bool, seed: int = 0) -> dict:
     cfg = dict(
-        width=16, num_paths=64 if quick else 256, num_steps=20 if quick else 50,
-        num_obs=9, iters=60 if quick else 500, lr=2e-2,
+        width=16,
+        num_paths=64 if quick else 256,
+        num_steps=20 if quick else 50,
+        num_obs=9,
+        iters=60 if quick else 500,
+        lr=2e-2,
         eval_paths=512 if quick else 2048,
     )
     key = jr.PRNGKey(seed)
@@ -142,15 +148,28 @@ def run(quick: bool, seed: int = 0) -> dict:
     train_time = time.perf_counter() - t_start  # includes the first step's compile
     loss1, m1, v1 = evaluate(params)
     mean, var = ou_moments(ts)
-    as_list = lambda x: [float(v) for v in np.asarray(x)]
+
+    def as_list(x):
+        return [float(v) for v in np.asarray(x)]
+
     return dict(
-        experiment="neural_sde", quick=quick, seed=seed, config=cfg,
+        experiment="neural_sde",
+        quick=quick,
+        seed=seed,
+        config=cfg,
         ou=dict(theta=THETA, mu=MU, sigma=SIGMA, x0=X0),
-        ts=as_list(ts), initial_loss=float(loss0), final_loss=float(loss1),
-        true_mean=as_list(mean), true_var=as_list(var),
-        initial_mean=as_list(m0), initial_var=as_list(v0),
-        learned_mean=as_list(m1), learned_var=as_list(v1),
-        train_losses=losses, train_time_s=train_time, machine=machine_info(),
+        ts=as_list(ts),
+        initial_loss=float(loss0),
+        final_loss=float(loss1),
+        true_mean=as_list(mean),
+        true_var=as_list(var),
+        initial_mean=as_list(m0),
+        initial_var=as_list(v0),
+        learned_mean=as_list(m1),
+        learned_var=as_list(v1),
+        train_losses=losses,
+        train_time_s=train_time,
+        machine=machine_info(),
     )
 
 
@@ -172,8 +191,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"({result['train_time_s']:.1f} s for {len(result['train_losses'])} steps)"
     )
     print("    t   true mean  learned   true var  learned")
-    for row in zip(result["ts"], result["true_mean"], result["learned_mean"],
-                   result["true_var"], result["learned_var"]):
+    for row in zip(
+        result["ts"],
+        result["true_mean"],
+        result["learned_mean"],
+        result["true_var"],
+        result["learned_var"],
+    ):
         print("  {:4.2f}  {:8.4f}  {:8.4f}  {:8.4f}  {:8.4f}".format(*row))
     return result
 

@@ -14,19 +14,17 @@ layer of width 10, tanh), trained on the MSE over the whole saved trajectory.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
+import diffrax
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-
-jax.config.update("jax_enable_x64", True)
-
-import diffrax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .common import Problem, run_experiment  # noqa: E402
+from .cli import run_experiment
+from .problem import Problem
 
 
 C = 0.001
@@ -34,13 +32,13 @@ T1 = 5.0
 NUM_STEPS = 1000
 
 
-def white_dwarf_vector_field(t, y, args):
+def white_dwarf_vector_field(t: jax.Array, y: jax.Array, args: float) -> jax.Array:
     c = args
     x = t + 0.5
     y1, y2 = y[0], y[1]
     # Clamp at 0: (y1^2 - C)^(3/2) is only defined while y1^2 >= C, which holds on
     # [0, 5] for the true solution.
-    return jnp.stack([y2, -jnp.maximum(y1**2 - c, 0.0) ** 1.5 - 2 * y2 / x])
+    return jnp.stack([y2, -(jnp.maximum(y1**2 - c, 0.0) ** 1.5) - 2 * y2 / x])
 
 
 def white_dwarf_data(ts: np.ndarray, c: float = C) -> np.ndarray:
@@ -60,10 +58,14 @@ def white_dwarf_data(ts: np.ndarray, c: float = C) -> np.ndarray:
     return np.asarray(sol.ys)
 
 
-def build_problem(args) -> Problem:
+def build_problem(args: argparse.Namespace) -> Problem:
+    """The white dwarf `Problem` (100 steps with `--quick`)."""
     if args.data is not None:
-        print("note: the white dwarf experiment generates its own data; --data is "
-              "ignored", file=sys.stderr)
+        print(
+            "note: the white dwarf experiment generates its own data; --data is "
+            "ignored",
+            file=sys.stderr,
+        )
     n = 100 if args.quick else NUM_STEPS
     ts = np.linspace(0.0, T1, n + 1)
     return Problem(

@@ -7,16 +7,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-
 import revdiffrax
-
-
-def _max_rel_error(a, b):
-    leaves_a = jax.tree_util.tree_leaves(eqx.filter(a, eqx.is_inexact_array))
-    leaves_b = jax.tree_util.tree_leaves(eqx.filter(b, eqx.is_inexact_array))
-    assert len(leaves_a) == len(leaves_b) > 0
-    scale = max(float(jnp.max(jnp.abs(y))) for y in leaves_b)
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(leaves_a, leaves_b)) / scale
+from helpers import tree_rel_err
 
 
 def _mlp_loss(solver, controller, saveat_kind):
@@ -87,7 +79,7 @@ def test_every_k_gives_the_same_gradient_float64(solver, controller, saveat_kind
         out = eqx.filter_jit(grad_)(
             model, _y0, revdiffrax.ReversibleAdjoint(checkpoint_every=k)
         )
-        assert _max_rel_error(out, reference) < 1e-10, k
+        assert tree_rel_err(out, reference) < 1e-10, k
 
 
 def test_semi_implicit_euler_tuple_state():
@@ -120,7 +112,7 @@ def test_semi_implicit_euler_tuple_state():
         out = jax.jit(jax.grad(loss), static_argnums=1)(
             params, revdiffrax.ReversibleAdjoint(checkpoint_every=k)
         )
-        assert _max_rel_error(out, ref) < 1e-10
+        assert tree_rel_err(out, ref) < 1e-10
 
 
 def test_sde_and_vmap_with_different_step_counts():
@@ -157,7 +149,7 @@ def test_sde_and_vmap_with_different_step_counts():
 
     ref = batched(diffrax.RecursiveCheckpointAdjoint())
     out = batched(revdiffrax.ReversibleAdjoint(checkpoint_every=6))
-    assert _max_rel_error(out, ref) < 1e-10
+    assert tree_rel_err(out, ref) < 1e-10
 
     # Adaptive steps under vmap: each element takes its own number of steps.
     def ode_loss(y0, theta, adjoint):
@@ -184,7 +176,7 @@ def test_sde_and_vmap_with_different_step_counts():
     ref, steps = batched_ode(diffrax.RecursiveCheckpointAdjoint())
     assert len(set(np.asarray(steps).ravel().tolist())) > 1
     out, _ = batched_ode(revdiffrax.ReversibleAdjoint(checkpoint_every=5))
-    assert _max_rel_error(out, ref) < 1e-10
+    assert tree_rel_err(out, ref) < 1e-10
 
 
 def _decay_loss(dtype, coupling, n_steps):

@@ -11,25 +11,28 @@ import os
 
 import numpy as np
 import pytest
-
-from experiments import common, coupled_oscillators, double_pendulum, white_dwarf
+from experiments import coupled_oscillators, double_pendulum, white_dwarf
 from experiments.data import (
+    load_motion_capture,
     OSCILLATOR_FORMAT,
     PENDULUM_FORMAT,
-    load_motion_capture,
     read_motion_capture,
     write_motion_capture,
 )
+from experiments.solvers import make_solver, RK4, sqrt_checkpoints
 
 
-HAS_REVERSIBLE = common.reversible_adjoint_available()
 # The adjoint exercised by the single-adjoint smoke tests.
-ADJOINT = "reversible" if HAS_REVERSIBLE else "checkpoint"
+ADJOINT = "reversible"
 
 
 def _check_outputs(result, out_dir, name, adjoints):
-    files = ["results.json", f"{name}_trajectory.png", f"{name}_loss.png",
-             f"{name}_cost.png"]
+    files = [
+        "results.json",
+        f"{name}_trajectory.png",
+        f"{name}_loss.png",
+        f"{name}_cost.png",
+    ]
     for f in files:
         path = os.path.join(out_dir, f)
         assert os.path.isfile(path) and os.path.getsize(path) > 0, path
@@ -52,19 +55,17 @@ def _check_outputs(result, out_dir, name, adjoints):
 
 
 def test_white_dwarf_quick(tmp_path, capsys):
-    adjoints = ["reversible", "checkpoint"] if HAS_REVERSIBLE else ["checkpoint"]
     result = white_dwarf.main(["--quick", "--out", str(tmp_path), "--no-progress"])
-    _check_outputs(result, tmp_path, "white_dwarf", adjoints)
+    _check_outputs(result, tmp_path, "white_dwarf", ["reversible", "checkpoint"])
     printed = capsys.readouterr().out
     assert "| adjoint |" in printed and "final loss" in printed
-    if HAS_REVERSIBLE:
-        rev, ck = result["runs"]
-        # Same solver and initialisation: identical first loss. Exact gradients either
-        # way, so training stays close (Adam's normalised first steps amplify
-        # rounding differences in near-zero gradient entries, hence the tolerance).
-        np.testing.assert_allclose(rev["losses"][0], ck["losses"][0], rtol=1e-12)
-        np.testing.assert_allclose(rev["final_loss"], ck["final_loss"], rtol=2e-2)
-        assert ck["checkpoints"] == common.sqrt_checkpoints(100)
+    rev, ck = result["runs"]
+    # Same solver and initialisation: identical first loss. Exact gradients either
+    # way, so training stays close (Adam's normalised first steps amplify rounding
+    # differences in near-zero gradient entries, hence the tolerance).
+    np.testing.assert_allclose(rev["losses"][0], ck["losses"][0], rtol=1e-12)
+    np.testing.assert_allclose(rev["final_loss"], ck["final_loss"], rtol=2e-2)
+    assert ck["checkpoints"] == sqrt_checkpoints(100)
 
 
 def test_coupled_oscillators_quick_simulated(tmp_path):
@@ -95,8 +96,19 @@ def test_double_pendulum_quick_simulated(tmp_path):
 
 def test_backsolve_runs(tmp_path):
     # BacksolveAdjoint (approximate gradients) runs; it saves at the data times.
-    result = white_dwarf.main(["--quick", "--iters", "2", "--out", str(tmp_path),
-                               "--no-progress", "--no-plots", "--adjoint", "backsolve"])
+    result = white_dwarf.main(
+        [
+            "--quick",
+            "--iters",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--no-plots",
+            "--adjoint",
+            "backsolve",
+        ]
+    )
     (run,) = result["runs"]
     assert run["adjoint"] == "backsolve"
     assert all(math.isfinite(x) for x in run["losses"])
@@ -109,7 +121,7 @@ def test_unknown_adjoint_is_rejected(tmp_path):
 
 def test_unknown_solver_is_rejected():
     with pytest.raises(ValueError, match="Unknown solver"):
-        common.make_solver("rk45")
+        make_solver("rk45")
 
 
 def test_rk4_is_fourth_order():
@@ -118,8 +130,13 @@ def test_rk4_is_fourth_order():
 
     def err(n):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: -y + jnp.sin(t)), common.RK4(), 0.0,
-            1.0, 1.0 / n, jnp.array(1.0), max_steps=n,
+            diffrax.ODETerm(lambda t, y, args: -y + jnp.sin(t)),
+            RK4(),
+            0.0,
+            1.0,
+            1.0 / n,
+            jnp.array(1.0),
+            max_steps=n,
         )
         exact = 1.5 * np.exp(-1.0) + 0.5 * (np.sin(1.0) - np.cos(1.0))
         return abs(float(sol.ys[-1]) - exact)
@@ -186,8 +203,9 @@ def test_missing_file_error_names_format(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"% x1 x2 v1 v2"):
         load_motion_capture(tmp_path / "nope.txt", OSCILLATOR_FORMAT)
     with pytest.raises(FileNotFoundError, match=r"% o1 o2 w1 w2"):
-        double_pendulum.main(["--quick", "--data", str(tmp_path / "nope.txt"),
-                              "--out", str(tmp_path)])
+        double_pendulum.main(
+            ["--quick", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]
+        )
 
 
 @pytest.mark.parametrize(
@@ -223,20 +241,41 @@ def test_report_from_results(tmp_path):
 
     def fake(adjoint, checkpoints, t_iter, loss):
         label = adjoint if checkpoints is None else f"checkpoint({checkpoints})"
-        run = dict(label=label, adjoint=adjoint, checkpoints=checkpoints,
-                   solver="Reversible(midpoint, 0.999)", base_solver="midpoint",
-                   seed=0, iters=10, train_time_s=10 * t_iter,
-                   time_per_iter_s=t_iter, median_iter_s=t_iter, cpu_per_iter_s=t_iter,
-                   compile_time_s=1.0,
-                   warmup_call_s=0.1, temp_bytes=1000, peak_rss_mb=400.0,
-                   initial_loss=1.0, final_loss=loss, min_loss=loss,
-                   mean_accepted_steps=100.0, losses=[1.0, loss],
-                   prediction=[[0.0, 0.0], [1.0, 1.0]],
-                   reconstruction_drift=1e-13 if adjoint == "reversible" else None)
-        return dict(experiment="white_dwarf", title="White dwarf", num_steps=100,
-                    adaptive=False, data_source="test", ts=[0.0, 1.0],
-                    data=[[0.0, 0.0], [1.0, 1.0]], state_labels=["y1", "y2"],
-                    runs=[run])
+        run = dict(
+            label=label,
+            adjoint=adjoint,
+            checkpoints=checkpoints,
+            solver="Reversible(midpoint, 0.999)",
+            base_solver="midpoint",
+            seed=0,
+            iters=10,
+            train_time_s=10 * t_iter,
+            time_per_iter_s=t_iter,
+            median_iter_s=t_iter,
+            cpu_per_iter_s=t_iter,
+            compile_time_s=1.0,
+            warmup_call_s=0.1,
+            temp_bytes=1000,
+            peak_rss_mb=400.0,
+            initial_loss=1.0,
+            final_loss=loss,
+            min_loss=loss,
+            mean_accepted_steps=100.0,
+            losses=[1.0, loss],
+            prediction=[[0.0, 0.0], [1.0, 1.0]],
+            reconstruction_drift=1e-13 if adjoint == "reversible" else None,
+        )
+        return dict(
+            experiment="white_dwarf",
+            title="White dwarf",
+            num_steps=100,
+            adaptive=False,
+            data_source="test",
+            ts=[0.0, 1.0],
+            data=[[0.0, 0.0], [1.0, 1.0]],
+            state_labels=["y1", "y2"],
+            runs=[run],
+        )
 
     results = [fake("reversible", None, 0.01, 0.5), fake("checkpoint", 14, 0.03, 0.5)]
     args = argparse.Namespace(results=str(tmp_path))
@@ -245,6 +284,10 @@ def test_report_from_results(tmp_path):
     assert "| checkpoint(14) |" in text and "3.00x" in text
     assert "**3.00x**" in text and "met" in text
     assert "python -m x" in text and "CPUs" in text
-    for f in ("white_dwarf.csv", "white_dwarf_loss.png", "white_dwarf_cost.png",
-              "white_dwarf_trajectory.png"):
+    for f in (
+        "white_dwarf.csv",
+        "white_dwarf_loss.png",
+        "white_dwarf_cost.png",
+        "white_dwarf_trajectory.png",
+    ):
         assert (tmp_path / f).is_file()

@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-
 from experiments import kepler
 
 
@@ -28,8 +27,14 @@ def test_kepler_orbit_is_exact():
 
 def test_kepler_quick(tmp_path, capsys):
     result = kepler.main(["--quick", "--out", str(tmp_path), "--no-progress"])
-    for name in ("kepler.json", "kepler.md", "kepler_orbits.png", "kepler_loss.png",
-                 "kepler_energy.png", "kepler_cost.png"):
+    for name in (
+        "kepler.json",
+        "kepler.md",
+        "kepler_orbits.png",
+        "kepler_loss.png",
+        "kepler_energy.png",
+        "kepler_cost.png",
+    ):
         path = os.path.join(tmp_path, name)
         assert os.path.isfile(path) and os.path.getsize(path) > 0, name
     with open(os.path.join(tmp_path, "kepler.json")) as f:

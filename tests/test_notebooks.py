@@ -35,8 +35,12 @@ def make_kernel_spec_manager(directory, mpl_backend="Agg"):
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "argv": [
-            sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher",
-            "-f", "{connection_file}",
+            sys.executable,
+            "-Xfrozen_modules=off",
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
         ],
         "display_name": "revdiffrax notebook test",
         "language": "python",

@@ -8,8 +8,9 @@ Note on the step sizes: for the McCallum-Foster scheme with the default coupling
 lambda = 0.999, the error constant of odd-order bases changes when h * |f'| becomes
 comparable to 1 - lambda (the scheme is exactly symmetric at lambda = 1), and for
 dissipative problems with h * |Re f'| > -ln(lambda) the scheme is outside its
-stability strip (see DESIGN.md section 2), which gives a pre-asymptotic regime at
-coarse steps. The step sizes below sit between those two regimes.
+stability strip (see docs/mathematics.md, section "Stability"), which gives a
+pre-asymptotic regime at coarse steps. The step sizes below sit between those two
+regimes.
 """
 
 import diffrax

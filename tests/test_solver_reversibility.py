@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 import pytest
 import revdiffrax
+from helpers import leafwise_rel_err
 
 
 T0, T1 = 0.0, 2.0
@@ -88,25 +89,6 @@ def _roundtrip(solver, terms, y0, grids, args=None):
     return [run(ts) for ts in grids]
 
 
-def _max_rel_err(x, y, scale=0.0):
-    """max over leaves of max|x - y| / max(max|x|, scale); exact match for bools."""
-    assert jtu.tree_structure(x) == jtu.tree_structure(y)
-    err = 0.0
-    for u, v in zip(jtu.tree_leaves(x), jtu.tree_leaves(y)):
-        u, v = np.asarray(u), np.asarray(v)
-        assert u.shape == v.shape and u.dtype == v.dtype, (u.shape, v.shape, u.dtype)
-        if not np.issubdtype(u.dtype, np.inexact):
-            assert np.array_equal(u, v)
-            continue
-        assert np.all(np.isfinite(u)) and np.all(np.isfinite(v))
-        denom = max(float(np.max(np.abs(u), initial=0.0)), scale)
-        if denom == 0.0:
-            assert np.array_equal(u, v)
-            continue
-        err = max(err, float(np.max(np.abs(u - v), initial=0.0)) / denom)
-    return err
-
-
 def _check_roundtrip(solver, terms, y0, grids, tol=REV_TOL, args=None):
     """Returns the final forward solution on each grid, and the max error."""
     finals = []
@@ -116,16 +98,16 @@ def _check_roundtrip(solver, terms, y0, grids, tol=REV_TOL, args=None):
         ok = diffrax.RESULTS.successful
         assert np.all(np.asarray(res_f == ok)) and np.all(np.asarray(res_b == ok))
         # The forward pass must have gone somewhere (not a trivially invertible map).
-        assert _max_rel_err(y0, yn) > 0.1
+        assert leafwise_rel_err(y0, yn) > 0.1
         # ys[0] / ss[0] are y0 and the output of init, so these also cover the
         # reconstruction of the initial state.
-        y_err = _max_rel_err(ys, ys_b)
+        y_err = leafwise_rel_err(ys, ys_b)
         # States and dense info are compared relative to the scale of the solution,
         # since some of their leaves (e.g. y - z) are O(h^p) differences of O(1)
         # numbers.
         y_scale = max(float(np.max(np.abs(leaf))) for leaf in jtu.tree_leaves(ys))
-        s_err = _max_rel_err(ss, ss_b, scale=y_scale)
-        d_err = _max_rel_err(denses, denses_b, scale=y_scale)
+        s_err = leafwise_rel_err(ss, ss_b, scale=y_scale)
+        d_err = leafwise_rel_err(denses, denses_b, scale=y_scale)
         name = type(solver).__name__
         if isinstance(solver, revdiffrax.Reversible):
             name += f"({type(solver.solver).__name__}, {solver.coupling})"
@@ -183,7 +165,7 @@ def test_reversible_ode(base, fwd_tol):
     finals, _ = _check_roundtrip(solver, term, _y0(), [g() for g in GRIDS.values()])
     # The forward steps do solve the ODE.
     for yn in finals:
-        assert _max_rel_err(_reference(), yn) < fwd_tol
+        assert leafwise_rel_err(_reference(), yn) < fwd_tol
 
 
 @pytest.mark.parametrize("coupling", [0.5, 0.9, 1.0])
@@ -322,7 +304,7 @@ def test_float32(solver):
     for leaf in jtu.tree_leaves((yn, ys, ss, ys_b, ss_b)):
         if jnp.issubdtype(leaf.dtype, jnp.inexact):
             assert leaf.dtype == jnp.float32
-    err = _max_rel_err((ys, ss), (ys_b, ss_b))
+    err = leafwise_rel_err((ys, ss), (ys_b, ss_b))
     print(f"\nREV32 {solver} {err:.2e}")
     assert err < 1e-5
 
@@ -333,7 +315,7 @@ def test_float32_semi_implicit_euler():
         revdiffrax.SemiImplicitEuler(), _sie_terms(), y0, [_random_ts(dtype=jnp.float32)]
     )
     assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves((yn, ys_b)))
-    assert _max_rel_err(ys, ys_b) < 1e-5
+    assert leafwise_rel_err(ys, ys_b) < 1e-5
 
 
 @pytest.mark.parametrize(

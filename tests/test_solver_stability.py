@@ -1,4 +1,5 @@
-"""Linear stability of `revdiffrax.Reversible`, against DESIGN.md section 2.
+"""Linear stability of `revdiffrax.Reversible`, against docs/mathematics.md,
+section "Stability".
 
 For y' = a y and x = h a, one step maps (y, z) linearly. We measure that map by
 stepping the unit vectors and compare it to

@@ -116,9 +116,10 @@ def _nonlinear_vf(t, y, args):
     "base", [diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Bosh3()], ids=lambda b: type(b).__name__
 )
 def test_fsal_steps_match_design_formula(base):
-    # Independent implementation of DESIGN.md section 2 where every base step starts
-    # from a fresh `base.init` (so no first-same-as-last stage can be carried over
-    # between base steps that start from different points).
+    # Independent implementation of the scheme of docs/mathematics.md, section "The
+    # reversible scheme", where every base step starts from a fresh `base.init` (so
+    # no first-same-as-last stage can be carried over between base steps that start
+    # from different points).
     lam = 0.999
     term = diffrax.ODETerm(_nonlinear_vf)
     solver = revdiffrax.Reversible(base, coupling=lam)
