@@ -91,8 +91,17 @@ def _grads(solver, saveat, controller):
 
 def simple_loss(y0, a, solver, saveat, controller, adjoint):
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), solver, 0.0, 2.0, 0.05, y0, args=a, saveat=saveat,
-        stepsize_controller=controller, adjoint=adjoint, max_steps=400,
+        diffrax.ODETerm(vf),
+        solver,
+        0.0,
+        2.0,
+        0.05,
+        y0,
+        args=a,
+        saveat=saveat,
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=400,
     )
     return jnp.sum(jnp.sin(sol.ys))
 
@@ -113,9 +122,16 @@ def test_every_solver(name):
 
 def test_pid_really_rejects_steps():
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(MLP_FIELD), SOLVERS["Reversible(Bosh3)"], 0.0, 2.0, 0.05,
-        PY0, args=0.8, stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
-        adjoint=REV, max_steps=400,
+        diffrax.ODETerm(MLP_FIELD),
+        SOLVERS["Reversible(Bosh3)"],
+        0.0,
+        2.0,
+        0.05,
+        PY0,
+        args=0.8,
+        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
+        adjoint=REV,
+        max_steps=400,
     )
     assert int(sol.stats["num_rejected_steps"]) > 0
 
@@ -123,7 +139,9 @@ def test_pid_really_rejects_steps():
 @pytest.mark.parametrize("saveat_name", sorted(SAVEATS))
 def test_saveat_modes_pytree_mlp_pid(saveat_name):
     controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
-    g_rev, g_rca = _grads(SOLVERS["Reversible(Tsit5)"], SAVEATS[saveat_name], controller)
+    g_rev, g_rca = _grads(
+        SOLVERS["Reversible(Tsit5)"], SAVEATS[saveat_name], controller
+    )
     assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
@@ -139,10 +157,16 @@ def test_other_controllers_pytree_mlp(controller):
 
 def time_loss(t0, t1, ts, adjoint, controller):
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], t0, t1,
+        diffrax.ODETerm(vf),
+        SOLVERS["Reversible(Tsit5)"],
+        t0,
+        t1,
         None if isinstance(controller, diffrax.StepTo) else 0.05,
-        Y0, args=A, saveat=diffrax.SaveAt(ts=ts, t1=True),
-        stepsize_controller=controller, adjoint=adjoint,
+        Y0,
+        args=A,
+        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        stepsize_controller=controller,
+        adjoint=adjoint,
     )
     return jnp.sum(jnp.sin(sol.ys))
 
@@ -177,8 +201,14 @@ def test_time_gradients(controller):
 def test_t0_equals_t1():
     def loss(y0, adjoint):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.5, 0.5, 0.05, y0,
-            args=A, saveat=diffrax.SaveAt(ts=jnp.array([0.5, 0.5]), t0=True, t1=True),
+            diffrax.ODETerm(vf),
+            SOLVERS["Reversible(Tsit5)"],
+            0.5,
+            0.5,
+            0.05,
+            y0,
+            args=A,
+            saveat=diffrax.SaveAt(ts=jnp.array([0.5, 0.5]), t0=True, t1=True),
             adjoint=adjoint,
         )
         return jnp.sum(sol.ys**2)
@@ -191,8 +221,14 @@ def test_t0_equals_t1():
 def test_backwards_in_time():
     def loss(y0, t1, adjoint):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 1.0, t1, -0.05, y0,
-            args=A, saveat=diffrax.SaveAt(ts=jnp.array([0.9, 0.5, 0.1]), t1=True),
+            diffrax.ODETerm(vf),
+            SOLVERS["Reversible(Tsit5)"],
+            1.0,
+            t1,
+            -0.05,
+            y0,
+            args=A,
+            saveat=diffrax.SaveAt(ts=jnp.array([0.9, 0.5, 0.1]), t1=True),
             adjoint=adjoint,
         )
         return jnp.sum(sol.ys**2)
@@ -203,8 +239,14 @@ def test_backwards_in_time():
 
 def _pid_loss(y0, adjoint):
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, None, y0,
-        args=A, stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        diffrax.ODETerm(vf),
+        SOLVERS["Reversible(Tsit5)"],
+        0.0,
+        1.0,
+        None,
+        y0,
+        args=A,
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
         adjoint=adjoint,
     )
     return jnp.sum(sol.ys**2)
@@ -223,8 +265,13 @@ def test_closure_over_traced_parameter():
     # The vector field closes over a value traced by `jax.jit`/`jax.grad`.
     def loss(a, adjoint):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: -a * y), SOLVERS["Reversible(Tsit5)"],
-            0.0, 1.0, 0.1, Y0, adjoint=adjoint,
+            diffrax.ODETerm(lambda t, y, args: -a * y),
+            SOLVERS["Reversible(Tsit5)"],
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            adjoint=adjoint,
         )
         return jnp.sum(sol.ys)
 
@@ -234,7 +281,11 @@ def test_closure_over_traced_parameter():
 
 def _sde_loss(y0, p, solver, adjoint, additive):
     bm = diffrax.VirtualBrownianTree(
-        0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.PRNGKey(0),
+        0.0,
+        1.0,
+        tol=1e-3,
+        shape=(2,),
+        key=jax.random.PRNGKey(0),
         levy_area=diffrax.SpaceTimeLevyArea,
     )
 
@@ -246,7 +297,14 @@ def _sde_loss(y0, p, solver, adjoint, additive):
         diffrax.ODETerm(lambda t, y, a: -a * y), diffrax.ControlTerm(diffusion, bm)
     )
     sol = diffrax.diffeqsolve(
-        terms, solver, 0.0, 1.0, 0.05, y0, args=p, adjoint=adjoint,
+        terms,
+        solver,
+        0.0,
+        1.0,
+        0.05,
+        y0,
+        args=p,
+        adjoint=adjoint,
         saveat=diffrax.SaveAt(ts=jnp.linspace(0, 1, 6)),
     )
     return jnp.sum(sol.ys**2)
@@ -265,7 +323,9 @@ def _sde_loss(y0, p, solver, adjoint, additive):
     ids=["Heun", "Midpoint", "SlowRK", "SPaRK", "ShARK", "ReversibleHeun"],
 )
 def test_sde(base, additive):
-    solver = revdiffrax.ReversibleHeun() if base is None else revdiffrax.Reversible(base)
+    solver = (
+        revdiffrax.ReversibleHeun() if base is None else revdiffrax.Reversible(base)
+    )
     g = jax.grad(_sde_loss, argnums=(0, 1))
     g_rev = g(Y0, A, solver, REV, additive)
     g_rca = g(Y0, A, solver, RCA, additive)
@@ -288,8 +348,14 @@ def test_cde_gradient_flows_to_data(interpolation):
             lambda t, y, a: jnp.tanh(a * jnp.outer(y, jnp.ones(2))), path
         )
         sol = diffrax.diffeqsolve(
-            term, SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.02, jnp.array([0.5, 1.0]),
-            args=p, adjoint=adjoint,
+            term,
+            SOLVERS["Reversible(Tsit5)"],
+            0.0,
+            1.0,
+            0.02,
+            jnp.array([0.5, 1.0]),
+            args=p,
+            adjoint=adjoint,
         )
         return jnp.sum(sol.ys**2)
 
@@ -301,8 +367,10 @@ def test_cde_gradient_flows_to_data(interpolation):
 
 def test_sde_general_noise_and_pytree_brownian_motion():
     key1, key2 = jax.random.split(jax.random.PRNGKey(4))
-    shape = {"w": jax.ShapeDtypeStruct((3,), jnp.float64),
-             "v": jax.ShapeDtypeStruct((), jnp.float64)}
+    shape = {
+        "w": jax.ShapeDtypeStruct((3,), jnp.float64),
+        "v": jax.ShapeDtypeStruct((), jnp.float64),
+    }
     bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
     mix = jax.random.normal(key2, (2, 3))
 
@@ -322,7 +390,14 @@ def test_sde_general_noise_and_pytree_brownian_motion():
             diffrax.ODETerm(lambda t, y, a: -a * y), Term(diffusion, bm)
         )
         sol = diffrax.diffeqsolve(
-            terms, solver, 0.0, 1.0, 0.05, y0, args=p, adjoint=adjoint,
+            terms,
+            solver,
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args=p,
+            adjoint=adjoint,
             saveat=diffrax.SaveAt(ts=jnp.linspace(0, 1, 4)),
         )
         return jnp.sum(sol.ys**2)
@@ -339,7 +414,13 @@ def test_semi_implicit_euler():
             diffrax.ODETerm(lambda t, x, a: -jnp.sin(x)),
         )
         sol = diffrax.diffeqsolve(
-            terms, revdiffrax.SemiImplicitEuler(), 0.0, 2.0, 0.05, y0, adjoint=adjoint,
+            terms,
+            revdiffrax.SemiImplicitEuler(),
+            0.0,
+            2.0,
+            0.05,
+            y0,
+            adjoint=adjoint,
             saveat=diffrax.SaveAt(ts=jnp.linspace(0, 2, 5)),
         )
         return jnp.sum(sol.ys[0] ** 2 + sol.ys[1])
@@ -358,9 +439,15 @@ def test_float32_tolerance():
 
     def loss(m, y0, adjoint, dtype):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, a: m(jnp.concatenate([jnp.reshape(t, (1,)), y]))),
-            SOLVERS["Reversible(Tsit5)"], jnp.asarray(0.0, dtype), jnp.asarray(1.0, dtype),
-            jnp.asarray(0.01, dtype), y0, adjoint=adjoint,
+            diffrax.ODETerm(
+                lambda t, y, a: m(jnp.concatenate([jnp.reshape(t, (1,)), y]))
+            ),
+            SOLVERS["Reversible(Tsit5)"],
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(1.0, dtype),
+            jnp.asarray(0.01, dtype),
+            y0,
+            adjoint=adjoint,
         )
         return jnp.sum(sol.ys**2)
 
@@ -394,10 +481,18 @@ def test_memory_flat_in_number_of_steps():
     def temp_bytes(n, adjoint):
         def loss(p):
             m = eqx.combine(p, static)
-            f = lambda t, y, a: jax.vmap(lambda yi: m(jnp.concatenate([t[None], yi])))(y)  # noqa: E731
+            f = lambda t, y, a: jax.vmap(lambda yi: m(jnp.concatenate([t[None], yi])))(
+                y
+            )  # noqa: E731
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(f), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 1.0 / n,
-                y0, adjoint=adjoint, max_steps=n,
+                diffrax.ODETerm(f),
+                SOLVERS["Reversible(Tsit5)"],
+                0.0,
+                1.0,
+                1.0 / n,
+                y0,
+                adjoint=adjoint,
+                max_steps=n,
             )
             return jnp.sum(sol.ys**2)
 
@@ -413,18 +508,40 @@ def test_memory_flat_in_number_of_steps():
 
 def test_progress_meter_and_throw():
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.1, Y0, args=A,
-        adjoint=REV, progress_meter=diffrax.TextProgressMeter(minimum_increase=0.5),
+        diffrax.ODETerm(vf),
+        SOLVERS["Reversible(Tsit5)"],
+        0.0,
+        1.0,
+        0.1,
+        Y0,
+        args=A,
+        adjoint=REV,
+        progress_meter=diffrax.TextProgressMeter(minimum_increase=0.5),
     )
     assert sol.ys.shape == (1, 2)
     with pytest.raises(Exception, match="max_steps"):
         diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.01, Y0,
-            args=A, adjoint=REV, max_steps=10,
+            diffrax.ODETerm(vf),
+            SOLVERS["Reversible(Tsit5)"],
+            0.0,
+            1.0,
+            0.01,
+            Y0,
+            args=A,
+            adjoint=REV,
+            max_steps=10,
         )
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), SOLVERS["Reversible(Tsit5)"], 0.0, 1.0, 0.01, Y0,
-        args=A, adjoint=REV, max_steps=10, throw=False,
+        diffrax.ODETerm(vf),
+        SOLVERS["Reversible(Tsit5)"],
+        0.0,
+        1.0,
+        0.01,
+        Y0,
+        args=A,
+        adjoint=REV,
+        max_steps=10,
+        throw=False,
     )
     assert sol.result == diffrax.RESULTS.max_steps_reached
 
@@ -446,17 +563,32 @@ def test_errors_name_the_fix():
         _solve(saveat=diffrax.SaveAt(dense=True))
     with pytest.raises(ValueError, match="ConstantStepSize"):
         diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), revdiffrax.LeapfrogMidpoint(), 0.0, 1.0, None, Y0,
-            args=A, adjoint=REV,
+            diffrax.ODETerm(vf),
+            revdiffrax.LeapfrogMidpoint(),
+            0.0,
+            1.0,
+            None,
+            Y0,
+            args=A,
+            adjoint=REV,
             stepsize_controller=diffrax.StepTo(jnp.linspace(0, 1, 5)),
         )
     bm = diffrax.UnsafeBrownianPath(shape=(2,), key=jax.random.PRNGKey(0))
     terms = diffrax.MultiTerm(
-        diffrax.ODETerm(vf), diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(y), bm)
+        diffrax.ODETerm(vf),
+        diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(y), bm),
     )
     with pytest.raises(ValueError, match="VirtualBrownianTree"):
-        diffrax.diffeqsolve(terms, revdiffrax.Reversible(diffrax.Heun()), 0.0, 1.0, 0.1,
-                            Y0, args=A, adjoint=REV)
+        diffrax.diffeqsolve(
+            terms,
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            args=A,
+            adjoint=REV,
+        )
 
 
 def test_forward_mode_is_refused():
@@ -473,8 +605,16 @@ def test_dense_saveat_ts_against_direct_adjoint():
 
     def loss(y0, a, adjoint):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), SOLVERS["Reversible(Midpoint)"], 0.0, 2.0, 0.05, y0,
-            args=a, saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=40,
+            diffrax.ODETerm(vf),
+            SOLVERS["Reversible(Midpoint)"],
+            0.0,
+            2.0,
+            0.05,
+            y0,
+            args=a,
+            saveat=diffrax.SaveAt(ts=ts),
+            adjoint=adjoint,
+            max_steps=40,
         )
         return jnp.mean((sol.ys - 0.5) ** 2)
 
@@ -489,7 +629,11 @@ def test_dense_saveat_ts_against_direct_adjoint():
         # the rest of the interval uniformly.
         (revdiffrax.ReversibleHeun(), diffrax.ConstantStepSize(), "constant"),
         (revdiffrax.AsynchronousLeapfrog(), diffrax.ConstantStepSize(), "constant"),
-        (revdiffrax.Reversible(diffrax.Tsit5()), diffrax.ConstantStepSize(), "constant"),
+        (
+            revdiffrax.Reversible(diffrax.Tsit5()),
+            diffrax.ConstantStepSize(),
+            "constant",
+        ),
         # A dt0 computed from (t0, t1) scales every adaptive step.
         (
             revdiffrax.Reversible(diffrax.Tsit5()),

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import pytest
-from helpers import tree_rel_err
-
 import revdiffrax
+from helpers import tree_rel_err
 
 
 def _vector_field(t, y, args):

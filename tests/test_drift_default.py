@@ -9,7 +9,6 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import pytest
-
 import revdiffrax
 
 

@@ -26,7 +26,6 @@ import jax.random as jr
 import lineax as lx
 import numpy as np
 import pytest
-
 import revdiffrax
 
 
@@ -63,8 +62,14 @@ def _solve_batch(solver, problem, max_steps):
     def one(key, dt0):
         bm = _tree(key)
         sol = diffrax.diffeqsolve(
-            _terms(problem, bm), solver, 0.0, T, dt0, jnp.array([Y0]),
-            saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
+            _terms(problem, bm),
+            solver,
+            0.0,
+            T,
+            dt0,
+            jnp.array([Y0]),
+            saveat=diffrax.SaveAt(t1=True),
+            max_steps=max_steps,
         )
         return sol.ys[-1, 0], bm.evaluate(0.0, T)[0]
 
@@ -246,8 +251,14 @@ def _temp_bytes(num_steps):
             ),
         )
         sol = diffrax.diffeqsolve(
-            terms, revdiffrax.Reversible(diffrax.Heun()), 0.0, 1.0, 1.0 / num_steps,
-            y0, args=model, adjoint=revdiffrax.ReversibleAdjoint(),
+            terms,
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            1.0 / num_steps,
+            y0,
+            args=model,
+            adjoint=revdiffrax.ReversibleAdjoint(),
             max_steps=num_steps,
         )
         return jnp.sum(sol.ys**2)

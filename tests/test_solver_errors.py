@@ -41,7 +41,8 @@ def test_default_coupling():
 )
 def test_implicit_solver(solver):
     with pytest.raises(
-        ValueError, match=r"needs an explicit solver.*implicit.*Reversible\(diffrax\.Tsit5\(\)\)"
+        ValueError,
+        match=r"needs an explicit solver.*implicit.*Reversible\(diffrax\.Tsit5\(\)\)",
     ):
         revdiffrax.Reversible(solver)
 
@@ -52,7 +53,9 @@ def test_ito_solver_at_construction():
 
 
 def _sde_terms():
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.key(0))
+    bm = diffrax.VirtualBrownianTree(
+        0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.key(0)
+    )
     return diffrax.MultiTerm(
         diffrax.ODETerm(lambda t, y, args: -y),
         diffrax.ControlTerm(lambda t, y, args: jnp.eye(2), bm),
@@ -99,14 +102,18 @@ def test_already_reversible(solver, name):
     if name == "Reversible":
         match = r"`Reversible` is already reversible"
     else:
-        match = rf"`{name}` is already reversible.*Use it directly.*revdiffrax\.{name}\(\)"
+        match = (
+            rf"`{name}` is already reversible.*Use it directly.*revdiffrax\.{name}\(\)"
+        )
     with pytest.raises(ValueError, match=match):
         revdiffrax.Reversible(solver)
 
 
 @pytest.mark.parametrize("not_a_solver", [None, "Tsit5", diffrax.Tsit5])
 def test_not_a_solver(not_a_solver):
-    with pytest.raises(ValueError, match=r"expects a diffrax solver.*diffrax\.Tsit5\(\)"):
+    with pytest.raises(
+        ValueError, match=r"expects a diffrax solver.*diffrax\.Tsit5\(\)"
+    ):
         revdiffrax.Reversible(not_a_solver)
 
 
@@ -117,5 +124,7 @@ def test_langevin_solver():
 
 def test_marked_stratonovich():
     # So that diffeqsolve does not warn that it converges to neither solution.
-    assert isinstance(revdiffrax.Reversible(diffrax.Heun()), diffrax.AbstractStratonovichSolver)
+    assert isinstance(
+        revdiffrax.Reversible(diffrax.Heun()), diffrax.AbstractStratonovichSolver
+    )
     assert isinstance(revdiffrax.ReversibleHeun(), diffrax.AbstractStratonovichSolver)

@@ -81,7 +81,9 @@ REVERSIBLE_CASES = [
 
 
 @pytest.mark.parametrize(
-    "base,order,ns", REVERSIBLE_CASES, ids=[type(c[0]).__name__ for c in REVERSIBLE_CASES]
+    "base,order,ns",
+    REVERSIBLE_CASES,
+    ids=[type(c[0]).__name__ for c in REVERSIBLE_CASES],
 )
 def test_reversible_order(base, order, ns):
     dts, errs = _solve_errors(revdiffrax.Reversible(base), ns)
@@ -127,7 +129,12 @@ def test_semi_implicit_euler_order():
         return (q0 * c + p0 * s, -q0 * s + p0 * c)
 
     dts, errs = _solve_errors(
-        revdiffrax.SemiImplicitEuler(), [32, 64, 128, 256], terms, (q0, p0), exact, t1=3.0
+        revdiffrax.SemiImplicitEuler(),
+        [32, 64, 128, 256],
+        terms,
+        (q0, p0),
+        exact,
+        t1=3.0,
     )
     p = _fit_order(dts, errs)
     print(f"\nORDER SemiImplicitEuler {p:.3f} errs={errs}")
@@ -142,7 +149,10 @@ def test_reversible_nonlinear_order():
     def exact(t):
         return 1 / (1 + (1 / y0 - 1) * jnp.exp(-t))
 
-    for base, order, ns in [(diffrax.Midpoint(), 2, [8, 16, 32, 64]), (diffrax.Bosh3(), 3, [8, 16, 32, 64])]:
+    for base, order, ns in [
+        (diffrax.Midpoint(), 2, [8, 16, 32, 64]),
+        (diffrax.Bosh3(), 3, [8, 16, 32, 64]),
+    ]:
         dts, errs = _solve_errors(revdiffrax.Reversible(base), ns, terms, y0, exact)
         p = _fit_order(dts, errs)
         print(f"\nORDER logistic Reversible({type(base).__name__}) {p:.3f} errs={errs}")
@@ -154,7 +164,10 @@ def test_reversible_dense_output_order():
     ts = jnp.array([0.37, 0.91, 1.53, 1.97])
     ns = [8, 16, 32, 64]
     for n in ns:
-        assert np.min(np.abs(np.asarray(ts) * n / T1 - np.round(np.asarray(ts) * n / T1))) > 0.01
+        assert (
+            np.min(np.abs(np.asarray(ts) * n / T1 - np.round(np.asarray(ts) * n / T1)))
+            > 0.01
+        )
     dts, errs = _solve_errors(revdiffrax.Reversible(diffrax.Tsit5()), ns, ts=ts)
     assert min(errs) > 1e-13
     p = _fit_order(dts, errs)

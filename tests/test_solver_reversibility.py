@@ -70,7 +70,9 @@ def _roundtrip(solver, terms, y0, grids, args=None):
             return (y1, s1), (y, s, dense, result)
 
         n = ts.shape[0] - 1
-        (yn, sn), (ys, ss, denses, res_f) = jax.lax.scan(fwd, (y0, state0), jnp.arange(n))
+        (yn, sn), (ys, ss, denses, res_f) = jax.lax.scan(
+            fwd, (y0, state0), jnp.arange(n)
+        )
 
         def bwd(carry, i):
             y, s = carry
@@ -238,8 +240,8 @@ def test_reversible_sde(base):
         # ShARK requires additive noise.
         diffusion = lambda t, y, args: 0.3 * jnp.array([[1.0, 0.2], [-0.1, 1.0]])
     else:
-        diffusion = lambda t, y, args: 0.3 * jnp.diag(jnp.cos(y)) + 0.1 * jnp.outer(
-            y, jnp.ones(2)
+        diffusion = lambda t, y, args: (
+            0.3 * jnp.diag(jnp.cos(y)) + 0.1 * jnp.outer(y, jnp.ones(2))
         )
     terms = diffrax.MultiTerm(
         diffrax.ODETerm(lambda t, y, args: -y + jnp.sin(t) * y**2),
@@ -251,7 +253,9 @@ def test_reversible_sde(base):
 
 
 def test_reversible_heun_sde():
-    bm = diffrax.VirtualBrownianTree(T0, T1, tol=1e-3, shape=(2,), key=jax.random.key(1))
+    bm = diffrax.VirtualBrownianTree(
+        T0, T1, tol=1e-3, shape=(2,), key=jax.random.key(1)
+    )
     terms = diffrax.MultiTerm(
         diffrax.ODETerm(lambda t, y, args: -y + jnp.sin(t) * y**2),
         diffrax.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(jnp.cos(y)), bm),
@@ -291,7 +295,13 @@ def test_reversible_cde(solver):
         revdiffrax.ReversibleHeun(),
         revdiffrax.LeapfrogMidpoint(),
     ],
-    ids=["Reversible(Euler)", "Reversible(Heun)", "Reversible(Tsit5)", "ReversibleHeun", "LeapfrogMidpoint"],
+    ids=[
+        "Reversible(Euler)",
+        "Reversible(Heun)",
+        "Reversible(Tsit5)",
+        "ReversibleHeun",
+        "LeapfrogMidpoint",
+    ],
 )
 def test_float32(solver):
     # float32 in, float32 out (also with x64 enabled), and reversible to ~1e-5 over
@@ -312,7 +322,10 @@ def test_float32(solver):
 def test_float32_semi_implicit_euler():
     y0 = (jnp.array([0.3, -1.2], jnp.float32), jnp.array([1.0, 0.5], jnp.float32))
     [((yn, ys, _, _, _), (ys_b, _, _, _))] = _roundtrip(
-        revdiffrax.SemiImplicitEuler(), _sie_terms(), y0, [_random_ts(dtype=jnp.float32)]
+        revdiffrax.SemiImplicitEuler(),
+        _sie_terms(),
+        y0,
+        [_random_ts(dtype=jnp.float32)],
     )
     assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves((yn, ys_b)))
     assert leafwise_rel_err(ys, ys_b) < 1e-5

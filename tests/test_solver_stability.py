@@ -77,7 +77,10 @@ def _measured_M(base, lam, x):
     assert np.all(np.asarray(results == diffrax.RESULTS.successful))
     M4 = np.asarray(cols)
     return np.array(
-        [[_to_complex(M4[2 * i : 2 * i + 2, 2 * j : 2 * j + 2]) for j in range(2)] for i in range(2)]
+        [
+            [_to_complex(M4[2 * i : 2 * i + 2, 2 * j : 2 * j + 2]) for j in range(2)]
+            for i in range(2)
+        ]
     )
 
 
@@ -123,7 +126,9 @@ def test_one_step_matrix(name):
         for lam in COUPLINGS:
             M = _measured_M(base, lam, x)
             F = _design_M(S, x, lam)
-            np.testing.assert_allclose(M, F, rtol=0, atol=1e-12 * max(1, np.max(np.abs(F))))
+            np.testing.assert_allclose(
+                M, F, rtol=0, atol=1e-12 * max(1, np.max(np.abs(F)))
+            )
             # det M = lam, and the eigenvalues solve mu^2 - tr mu + lam = 0 with
             # tr = S(x) + lam S(-x) + (1 - S(x) S(-x)).
             assert abs(np.linalg.det(M) - lam) < 1e-12 * max(1, np.max(np.abs(F)) ** 2)

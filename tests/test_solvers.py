@@ -43,12 +43,18 @@ def test_adaptive_tsit5():
         )
         assert sol.result == diffrax.RESULTS.successful
         err = float(jnp.max(jnp.abs(sol.ys - jax.vmap(_linear_exact)(ts))))
-        return err, int(sol.stats["num_accepted_steps"]), int(sol.stats["num_rejected_steps"])
+        return (
+            err,
+            int(sol.stats["num_accepted_steps"]),
+            int(sol.stats["num_rejected_steps"]),
+        )
 
     err, steps, rejected = solve(revdiffrax.Reversible(diffrax.Tsit5()))
     err_plain, steps_plain, _ = solve(diffrax.Tsit5())
-    print(f"\nADAPTIVE Reversible(Tsit5) err={err:.2e} steps={steps}+{rejected} rejected;"
-          f" Tsit5 err={err_plain:.2e} steps={steps_plain}")
+    print(
+        f"\nADAPTIVE Reversible(Tsit5) err={err:.2e} steps={steps}+{rejected} rejected;"
+        f" Tsit5 err={err_plain:.2e} steps={steps_plain}"
+    )
     assert err < 1e-4 * float(jnp.max(jnp.abs(_Y0)))
     assert err < 10 * err_plain + 1e-6
     assert steps_plain / 3 <= steps <= 3 * steps_plain
@@ -93,7 +99,15 @@ def test_dense_output_continuity(solver):
             t0, t1 = ts[i], ts[i + 1]
             y1, _, dense, state, _ = solver.step(term, t0, t1, y0, None, state, False)
             interp = solver.interpolation_cls(t0=t0, t1=t1, **dense)
-            out.append((y0, y1, interp.evaluate(t0), interp.evaluate(t1), interp.evaluate(t0, t1)))
+            out.append(
+                (
+                    y0,
+                    y1,
+                    interp.evaluate(t0),
+                    interp.evaluate(t1),
+                    interp.evaluate(t0, t1),
+                )
+            )
             y0 = y1
         return out
 
@@ -113,7 +127,9 @@ def _nonlinear_vf(t, y, args):
 
 
 @pytest.mark.parametrize(
-    "base", [diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Bosh3()], ids=lambda b: type(b).__name__
+    "base",
+    [diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Bosh3()],
+    ids=lambda b: type(b).__name__,
 )
 def test_fsal_steps_match_design_formula(base):
     # Independent implementation of the scheme of docs/mathematics.md, section "The
@@ -150,7 +166,9 @@ def test_fsal_steps_match_design_formula(base):
         np.testing.assert_allclose(z, z_ref, rtol=1e-14, atol=1e-15)
 
 
-@pytest.mark.parametrize("base_cls", [diffrax.Tsit5, diffrax.Dopri5], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "base_cls", [diffrax.Tsit5, diffrax.Dopri5], ids=lambda c: c.__name__
+)
 def test_fsal_user_solver_untouched(base_cls):
     term = diffrax.ODETerm(_nonlinear_vf)
     y0 = jnp.array([0.5, -0.3])
@@ -199,7 +217,8 @@ def _sie_terms():
 
 
 ADJOINT_CASES = {
-    # Adaptive steps (and an FSAL base): saves only at t1, see the vmap dense-output gradient test below.
+    # Adaptive steps (and an FSAL base): saves only at t1, see the vmap dense-output
+    # gradient test below.
     "Reversible(Tsit5)+PID": (
         revdiffrax.Reversible(diffrax.Tsit5()),
         diffrax.ODETerm(lambda t, y, args: -args * y + jnp.sin(t) * y**2),
@@ -268,13 +287,16 @@ def test_diffrax_adjoints(name):
     rca = jax.jit(
         jax.vmap(
             jax.value_and_grad(
-                lambda a, y: loss(a, y, diffrax.RecursiveCheckpointAdjoint()), argnums=(0, 1)
+                lambda a, y: loss(a, y, diffrax.RecursiveCheckpointAdjoint()),
+                argnums=(0, 1),
             ),
             in_axes=(None, 0),
         )
     )
     direct = jax.jit(
-        jax.value_and_grad(lambda a, y: loss(a, y, diffrax.DirectAdjoint()), argnums=(0, 1))
+        jax.value_and_grad(
+            lambda a, y: loss(a, y, diffrax.DirectAdjoint()), argnums=(0, 1)
+        )
     )
     v_rca, g_rca = rca(args, y0s)
     for leaf in jtu.tree_leaves((v_rca, g_rca)):
@@ -315,7 +337,9 @@ def test_dense_output_gradient_under_vmap_with_adaptive_steps():
         return jnp.sum(sol.ys**2)
 
     y0 = jnp.array([[0.5, -0.3], [0.2, 0.4], [0.1, 0.9]])
-    values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)))(1.3, y0)
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)))(
+        1.3, y0
+    )
     # The forward values are fine; the gradients of all but the batch element that
     # takes the most steps are NaN.
     assert np.all(np.isfinite(values))

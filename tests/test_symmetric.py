@@ -288,9 +288,17 @@ def test_gradients_match_checkpointing(name):
         else:
             dt0 = 0.1
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(_mlp_vf), solver, t0, t1, dt0, y0, args=model,
-            saveat=diffrax.SaveAt(ts=ts), stepsize_controller=controller,
-            adjoint=adjoint, max_steps=512,
+            diffrax.ODETerm(_mlp_vf),
+            solver,
+            t0,
+            t1,
+            dt0,
+            y0,
+            args=model,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=512,
         )
         return jnp.sum(sol.ys**2) + jnp.sum(jnp.sin(3 * sol.ys))
 
@@ -321,7 +329,12 @@ def _adaptive_kepler(solver):
     @jax.vmap
     def solve(tol):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(kepler_vf), solver, 0.0, 2 * math.pi, 0.01, y0,
+            diffrax.ODETerm(kepler_vf),
+            solver,
+            0.0,
+            2 * math.pi,
+            0.01,
+            y0,
             stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
             max_steps=16384,
         )
@@ -375,8 +388,12 @@ def _energy_errors(solver, evals_per_step):
     period = 2 * math.pi
     sol = jax.jit(
         lambda y0: diffrax.diffeqsolve(
-            diffrax.ODETerm(kepler_vf), solver, 0.0, _PERIODS * period,
-            period / steps_per_period, y0,
+            diffrax.ODETerm(kepler_vf),
+            solver,
+            0.0,
+            _PERIODS * period,
+            period / steps_per_period,
+            y0,
             saveat=diffrax.SaveAt(steps=True, fn=kepler_energy),
             max_steps=num_steps + 8,
         )
@@ -438,17 +455,29 @@ def test_damping_not_a_number():
 @pytest.mark.parametrize(
     "base,match",
     [
-        (diffrax.Tsit5(), r"`Tsit5` is not .*AsynchronousLeapfrog\(\)`.*"
-         r"Reversible\(diffrax.Tsit5\(\)\)"),
-        (revdiffrax.Reversible(diffrax.Midpoint()), r"`Reversible` is reversible but "
-         r"not a time-symmetric"),
+        (
+            diffrax.Tsit5(),
+            r"`Tsit5` is not .*AsynchronousLeapfrog\(\)`.*"
+            r"Reversible\(diffrax.Tsit5\(\)\)",
+        ),
+        (
+            revdiffrax.Reversible(diffrax.Midpoint()),
+            r"`Reversible` is reversible but "
+            r"not a time-symmetric",
+        ),
         (revdiffrax.LeapfrogMidpoint(), r"`LeapfrogMidpoint` is reversible but not"),
         (diffrax.ReversibleHeun(), r"use `revdiffrax.ReversibleHeun\(\)` instead"),
         (revdiffrax.AsynchronousLeapfrog(0.9), r"damped.*AsynchronousLeapfrog\(\)"),
         (SC4, r"already a composition"),
     ],
-    ids=["Tsit5", "Reversible", "LeapfrogMidpoint", "diffrax.ReversibleHeun",
-         "damped", "composition"],
+    ids=[
+        "Tsit5",
+        "Reversible",
+        "LeapfrogMidpoint",
+        "diffrax.ReversibleHeun",
+        "damped",
+        "composition",
+    ],
 )
 def test_composition_refuses_bad_base(base, match):
     with pytest.raises(ValueError, match=match):
