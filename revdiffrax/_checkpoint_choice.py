@@ -122,7 +122,10 @@ def choose_checkpoint_every(
     rows = []
     for k in candidates:
         drifts = []
-        adjoint = ReversibleAdjoint(checkpoint_every=k, drift_callback=drifts.append)
+        # The drift is measured here, so the default drift warning is switched off.
+        adjoint = ReversibleAdjoint(
+            checkpoint_every=k, drift_tol=None, drift_callback=drifts.append
+        )
 
         def grad_fn(_diff, _adjoint=adjoint):
             def _loss(__diff):
