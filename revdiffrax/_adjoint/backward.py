@@ -20,7 +20,7 @@ from .cotangents import (
 from .drift import relative_drift, report_drift
 from .forward import DiffInputs, Residuals
 from .saveat import replace_ts, subsaveats
-from .step_times import controller_kind, StepTimes
+from .step_times import clip_floor, controller_kind, StepTimes
 
 
 class _Carry(eqx.Module):
@@ -59,8 +59,8 @@ class _Backward(eqx.Module):
                 n, times.num_steps, y1, state1, drift, every, checkpoints
             )
         made_jump = jnp.where(m == 0, self.made_jump0, False)
-        want_dense = any(sub.ts is not None for sub in self.outputs.subs)
-        y0, dense_info, state0, pullback = self.solver.backward_step_vjp(
+        dense_cotangent = self.dense_cotangent(carry, m)
+        y0, state0, bars, aux = self.solver.backward_step_pullback(
             inputs.terms,
             times[m],
             times[n],
@@ -68,26 +68,16 @@ class _Backward(eqx.Module):
             inputs.args,
             state1,
             made_jump,
+            (carry.y_bar, carry.solver_state_bar, carry.grads.params),
+            dense_cotangent,
             diff_times=self.diff_times,
-            want_dense=want_dense,
         )
-        grads = carry.grads
-        if want_dense:
-            dense_info_bar, ts_left, grads = self.outputs.in_step(
-                times,
-                m,
-                dense_info,
-                self.solver.interpolation_cls,
-                inputs.args,
-                carry.ts_left,
-                grads,
-            )
+        y0_bar, state0_bar, params_bar, times_bar = bars
+        if dense_cotangent is None:
+            ts_left, grads = carry.ts_left, carry.grads.with_params(params_bar)
         else:
-            dense_info_bar, ts_left = zero_cotangent(dense_info), carry.ts_left
-        y0_bar, state0_bar, params_bar, times_bar = pullback(
-            carry.y_bar, carry.solver_state_bar, dense_info_bar
-        )
-        grads = grads.add_params(params_bar)
+            ts_left, grads, args_bar = aux
+            grads = grads.with_params(params_bar).add_args(args_bar)
         if self.diff_times:
             grads = grads.add_time(times, m, times_bar[0])
             grads = grads.add_time(times, n, times_bar[1])
@@ -104,6 +94,28 @@ class _Backward(eqx.Module):
             ts_left=ts_left,
             drift=drift,
         )
+
+    def dense_cotangent(self, carry: _Carry, m: Int[Array, ""]):
+        """For `backward_step_pullback`: `None` without `SaveAt(ts)`, else the
+        function that pulls the outputs interpolated in step m back to the step's
+        dense information (only then is the dense information computed and
+        differentiated)."""
+        if not any(sub.ts is not None for sub in self.outputs.subs):
+            return None
+
+        def dense_cotangent(dense_info):
+            dense_info_bar, ts_left, grads, args_bar = self.outputs.in_step(
+                self.times,
+                m,
+                dense_info,
+                self.solver.interpolation_cls,
+                self.inputs.args,
+                carry.ts_left,
+                carry.grads,
+            )
+            return dense_info_bar, (ts_left, grads, args_bar)
+
+        return dense_cotangent
 
     def initial_carry(self) -> _Carry:
         """Start from y_N, with the cotangents of the outputs saved at t_N."""
@@ -155,10 +167,13 @@ def backward(
     saveat = replace_ts(saveat, inputs.ts)
     times = StepTimes(
         t0=inputs.t0,
+        t1=inputs.t1,
+        t1_floor=clip_floor(inputs.t1),
         dt0=inputs.dt0,
         recorded=residuals.step_times,
         num_steps=residuals.num_steps,
         kind=controller_kind(stepsize_controller),
+        stepto_ts=getattr(stepsize_controller, "ts", None),
     )
     # Times are differentiated only when d/dt0, d/dt1, d/dts or d/d(dt0) is wanted.
     diff_times = any(

@@ -61,6 +61,9 @@ class InputCotangents(eqx.Module):
     def add_params(self, params_bar: PyTree) -> "InputCotangents":
         return eqx.tree_at(lambda g: g.params, self, add(self.params, params_bar))
 
+    def with_params(self, params_bar: PyTree) -> "InputCotangents":
+        return eqx.tree_at(lambda g: g.params, self, params_bar)
+
     def add_args(self, args_bar: PyTree) -> "InputCotangents":
         terms_bar, acc = self.params
         return eqx.tree_at(lambda g: g.params, self, (terms_bar, add(acc, args_bar)))
@@ -173,11 +176,16 @@ class SavedOutputs(eqx.Module):
         """Outputs of `SubSaveAt(ts=...)` interpolated in step m (those with
         t_m < ts_k <= t_{m+1}, and ts_k = t_0 on the first step), pulled back to the
         step's dense information. `ts_left[i]` counts the i-th sub's `ts` not yet
-        pulled back."""
+        pulled back.
+
+        Returns the cotangent of the dense information, the new `ts_left`, `grads`
+        with the cotangents of the times and `ts` added, and the cotangent of `args`
+        (apart: the solver's pullback accumulates that of `(terms, args)`)."""
         dense_info_bar = zero_cotangent(dense_info)
+        args_bar = zero_cotangent(args)
         new_left = []
         for i, sub, bar in self._with_ts():
-            left, dense_info_bar, args_bar, ta_bar, tb_bar, ts_bar = _ts_in_step(
+            left, dense_info_bar, sub_args_bar, ta_bar, tb_bar, ts_bar = _ts_in_step(
                 sub,
                 bar,
                 times,
@@ -189,10 +197,10 @@ class SavedOutputs(eqx.Module):
                 dense_info_bar,
             )
             new_left.append(left)
-            grads = grads.add_args(args_bar)
+            args_bar = add(args_bar, sub_args_bar)
             grads = grads.add_time(times, m, ta_bar).add_time(times, m + 1, tb_bar)
             grads = eqx.tree_at(lambda g: g.ts[i], grads, grads.ts[i] + ts_bar)
-        return dense_info_bar, new_left, grads
+        return dense_info_bar, new_left, grads, args_bar
 
     def at_start(self, times, y0, args, ts_left, y_bar, grads):
         """Outputs saved at t0, from y_0: `SubSaveAt(t0=True)`, and the `ts` left

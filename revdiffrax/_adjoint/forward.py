@@ -19,6 +19,7 @@ from .checkpoints import (
     outer_loop,
 )
 from .saveat import replace_ts
+from .step_times import needs_recording
 
 
 inner_loop = jax.named_call(eqxi.while_loop, name="inner-loop")
@@ -44,7 +45,8 @@ class Residuals(eqx.Module):
 
     y: PyTree  # y_N
     solver_state: PyTree  # the solver state at t_N
-    step_times: Float[Array, " max_steps"]  # t_1, ..., t_N, then inf
+    # t_1, ..., t_N, then inf; only for adaptive step sizes (`needs_recording`).
+    step_times: Float[Array, " max_steps"] | None
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
 
@@ -91,10 +93,12 @@ def forward(
     saveat = replace_ts(saveat, inputs.ts)
     init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
-    init_state = _with_step_time_recording(init_state, max_steps)
-    recording_saveat = diffrax.SaveAt(
-        subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
-    )
+    record = needs_recording(loop_kwargs["stepsize_controller"])
+    if record:
+        init_state = _with_step_time_recording(init_state, max_steps)
+        saveat = diffrax.SaveAt(
+            subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
+        )
     count = num_checkpoints(adjoint.checkpoint_every, max_steps)
     out = []
     if with_checkpoints and count > 0:
@@ -111,7 +115,7 @@ def forward(
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
         terms=inputs.terms,
-        saveat=recording_saveat,
+        saveat=saveat,
         init_state=init_state,
         max_steps=max_steps,
         t0=inputs.t0,
@@ -120,14 +124,17 @@ def forward(
         outer_while_loop=outer_while_loop,
         **loop_kwargs,
     )
-    user_save_state, record_state = final_state.save_state
-    final_state = eqx.tree_at(
-        lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
-    )
+    step_times = None
+    if record:
+        user_save_state, record_state = final_state.save_state
+        final_state = eqx.tree_at(
+            lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
+        )
+        step_times = record_state.ts
     residuals = Residuals(
         y=final_state.y,
         solver_state=final_state.solver_state,
-        step_times=record_state.ts,
+        step_times=step_times,
         num_steps=final_state.num_accepted_steps,
         checkpoints=out[0] if out else None,
     )

@@ -3,6 +3,7 @@ on the differentiable time inputs `(t0, t1, dt0)`."""
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Real
 
@@ -15,6 +16,21 @@ def controller_kind(stepsize_controller: diffrax.AbstractStepSizeController) -> 
     if isinstance(stepsize_controller, diffrax.StepTo):
         return "stepto"
     return "adaptive"
+
+
+def needs_recording(stepsize_controller: diffrax.AbstractStepSizeController) -> bool:
+    """Whether the forward pass must record the step times: only adaptive
+    controllers place them in a way that cannot be recomputed (`StepTimes`)."""
+    return controller_kind(stepsize_controller) == "adaptive"
+
+
+def clip_floor(t1: Real[Array, ""]) -> Real[Array, ""]:
+    """diffrax's loop rounds a step end above this, 100 ULPs below `t1`, to `t1`
+    (`diffrax._integrate._clip_to_end`)."""
+    floor = t1
+    for _ in range(100):
+        floor = eqxi.prevbefore(floor)
+    return floor
 
 
 class StepTimes(eqx.Module):
@@ -36,17 +52,59 @@ class StepTimes(eqx.Module):
       clipped by `dtmin`, `dtmax`, `step_ts` or `jump_ts`; with `dt0=None` the first
       step is stop-gradiented by diffrax and only the first term remains.)
     - `StepTo`: $t_n$ are the user's times, $t_0$ = `t0` and $t_N$ = `t1`.
+
+    Only adaptive controllers need the recorded buffer. The times of the other two
+    are recomputed by the formulas diffrax uses, which saves the buffer (`max_steps`
+    times, per batch element under `jax.vmap`). XLA may round them differently in the
+    last bit (e.g. by contracting to a fused multiply-add), which perturbs the
+    reconstruction by no more than its own rounding errors.
     """
 
     t0: Real[Array, ""]
+    t1: Real[Array, ""]
+    t1_floor: Real[Array, ""]  # `clip_floor(t1)`
     dt0: Real[Array, ""] | None
-    recorded: Float[Array, " max_steps"]  # t_1, ..., t_N, then inf
+    recorded: Float[Array, " max_steps"] | None  # t_1, ..., t_N, then inf
     num_steps: Int[Array, ""]  # N, the number of accepted steps
     kind: str = eqx.field(static=True)
+    stepto_ts: Real[Array, " N+1"] | None = None  # `StepTo.ts`
 
     def __getitem__(self, n: Int[Array, ""]) -> Real[Array, ""]:
         """The time t_n."""
-        return jnp.where(n == 0, self.t0, self.recorded[jnp.maximum(n - 1, 0)])
+        if self.recorded is not None:
+            return jnp.where(n == 0, self.t0, self.recorded[jnp.maximum(n - 1, 0)])
+        if self.kind == "stepto":
+            assert self.stepto_ts is not None
+            size = self.stepto_ts.shape[0]
+            t = self.stepto_ts[jnp.clip(n, 0, size - 1)]
+            t = jnp.where(n >= 2, self._clip_to_end(t), t)
+        else:
+            t = self._constant(n)
+        return jnp.where(n == 0, self.t0, jnp.where(n == 1, self._first(t), t))
+
+    def _clip_to_end(self, t: Real[Array, ""]) -> Real[Array, ""]:
+        return jnp.where(t > self.t1_floor, self.t1, t)
+
+    def _first(self, t: Real[Array, ""]) -> Real[Array, ""]:
+        """t_1: `diffeqsolve` ends the first step at the controller's first time,
+        clipped to `t1` (and not rounded to it)."""
+        if self.kind == "constant":
+            assert self.dt0 is not None
+            t = self.t0 + self.dt0
+        return jnp.minimum(t, self.t1)
+
+    def _constant(self, n: Int[Array, ""]) -> Real[Array, ""]:
+        """t_n for n >= 2 under `ConstantStepSize`, as its `adapt_step_size` computes
+        it (diffrax 0.7.2): a fraction of `t1 - t0`, `t1` on the last step."""
+        assert self.dt0 is not None
+        t0, t1 = self.t0, self.t1
+        num = jnp.ceil((t1 - t0) / eqxi.nextafter(self.dt0)).astype(jnp.int32)
+        dtype = jnp.result_type(t0, t1)
+        t = t0 + (t1 - t0) * (n.astype(dtype) / num.astype(dtype))
+        t = jnp.where(n == num, t1, t)
+        # `num_steps == -1` marks an infinite `t1`, where diffrax adds `dt0` instead.
+        t = jnp.where(num >= 0, t, t0 + n.astype(dtype) * self.dt0)
+        return self._clip_to_end(t)
 
     def coefficients(
         self, n: Int[Array, ""]

@@ -1,9 +1,11 @@
 import abc
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import diffrax
 import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
 from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, Y
 from jaxtyping import PyTree
 
@@ -41,8 +43,9 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
 
     Subclasses declare what the adjoint may rely on with two class variables,
     `reversible_on_any_grid` and `reversible_across_jumps`, and may override
-    `backward_step_vjp` to share work between the reconstruction and the
-    vector-Jacobian product.
+    `backward_step_vjp` (or `backward_step_pullback`, which the adjoint calls) to
+    share work between the reconstruction and the vector-Jacobian product, or to
+    hold less memory.
     """
 
     # Whether `backward_step` is exact for any sequence of step times. A multistep
@@ -145,3 +148,79 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
             return vjp(eqx.filter(cotangent, eqx.is_inexact_array))
 
         return y0, dense_info, solver_state0, pullback
+
+    def backward_step_pullback(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+        cotangents: tuple[Y, PyTree, PyTree],
+        dense_cotangent: Callable | None = None,
+        *,
+        diff_times: bool,
+    ) -> tuple[Y, _SolverState, tuple, Any]:
+        """Undo a single step and pull cotangents back through the forward step it
+        undid, in one call: what [`revdiffrax.ReversibleAdjoint`][] calls.
+
+        **Arguments:** as for `backward_step`, plus
+
+        - `cotangents`: `(y1_bar, solver_state1_bar, params_bar)`, the cotangents of
+            the step's outputs `y1` and `solver_state1`, and the cotangent of
+            `(terms, args)` accumulated so far, to which the step's is added.
+        - `dense_cotangent`: `None` when the step's dense information gets no
+            cotangent; else a function `dense_info -> (dense_info_bar, aux)`, called
+            once with the step's dense information.
+        - `diff_times`: as for `backward_step_vjp`.
+
+        **Returns:**
+
+        A 4-tuple `(y0, solver_state0, bars, aux)`: the state before the step as for
+        `backward_step`; `bars = (y0_bar, solver_state0_bar, params_bar, times_bar)`,
+        the cotangents of the step's inputs (`params_bar` including the accumulated
+        one passed in; `times_bar` that of `(t0, t1)`, or `None` unless
+        `diff_times`); and what `dense_cotangent` returned as `aux` (else `None`).
+
+        As the cotangents are known before the step is undone, a solver can apply
+        each part of its pullback as soon as the part is evaluated, and hold fewer
+        residuals at once (see [`revdiffrax.Reversible`][]). The default calls
+        `backward_step_vjp`.
+        """
+        want_dense = dense_cotangent is not None
+        y0, dense_info, solver_state0, pullback = self.backward_step_vjp(
+            terms,
+            t0,
+            t1,
+            y1,
+            args,
+            solver_state,
+            made_jump,
+            diff_times=diff_times,
+            want_dense=want_dense,
+        )
+        if dense_cotangent is None:
+            dense_info_bar = jtu.tree_map(
+                jnp.zeros_like, eqx.filter(dense_info, eqx.is_inexact_array)
+            )
+            aux = None
+        else:
+            dense_info_bar, aux = dense_cotangent(dense_info)
+        y1_bar, solver_state1_bar, params_bar = cotangents
+        y0_bar, solver_state0_bar, step_params_bar, times_bar = pullback(
+            y1_bar, solver_state1_bar, dense_info_bar
+        )
+        params_bar = jtu.tree_map(
+            lambda a, b: a if b is None else (b if a is None else a + b),
+            params_bar,
+            step_params_bar,
+            is_leaf=lambda x: x is None,
+        )
+        return (
+            y0,
+            solver_state0,
+            (y0_bar, solver_state0_bar, params_bar, times_bar),
+            aux,
+        )
