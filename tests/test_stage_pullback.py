@@ -1,0 +1,127 @@
+"""The backward pass of `Reversible` over explicit Runge-Kutta bases, one stage at a
+time (`revdiffrax._solver.erk._StagePullback`): exact gradients, when it is chosen,
+and the compiled memory it saves."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+import revdiffrax
+import revdiffrax._solver.erk as erk
+from helpers import GRAD_RTOL, tree_rel_err
+
+
+def _vector_field(t, y, args):
+    a, b = args
+    return jnp.tanh(a @ y) * jnp.cos(t) + b
+
+
+def _loss(args, y0, t0, t1, adjoint, solver, saveat, controller):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_vector_field),
+        solver,
+        t0,
+        t1,
+        0.05,
+        y0,
+        args=args,
+        saveat=saveat,
+        adjoint=adjoint,
+        stepsize_controller=controller,
+        max_steps=256,
+    )
+    return jnp.sum(sol.ys**2)  # pyright: ignore[reportOptionalOperand]
+
+
+@pytest.mark.parametrize(
+    "base", [diffrax.Midpoint(), diffrax.Tsit5(), diffrax.Dopri5()]
+)
+@pytest.mark.parametrize("case", ["t1", "ts", "pid"])
+def test_stage_pullback_gradients(base, case, monkeypatch):
+    """Forced on a small problem (limit -1), the stage-at-a-time pullback gives the
+    gradient of checkpointing through the same solver, times included."""
+    monkeypatch.setattr(erk, "UNROLLED_RESIDUALS_LIMIT", -1)
+    key_a, key_b = jr.split(jr.PRNGKey(0))
+    args = (0.5 * jr.normal(key_a, (3, 3)), 0.1 * jr.normal(key_b, (3,)))
+    y0 = jnp.array([1.0, 0.5, -0.3])
+    if case == "ts":
+        saveat = diffrax.SaveAt(ts=jnp.linspace(0.1, 0.9, 4))
+    else:
+        saveat = diffrax.SaveAt(t1=True)
+    controller = (
+        diffrax.PIDController(rtol=1e-5, atol=1e-5)
+        if case == "pid"
+        else diffrax.ConstantStepSize()
+    )
+    solver = revdiffrax.Reversible(base)
+    # t0 and t1 enter the gradient only where they are differentiated.
+    grad = jax.grad(_loss, argnums=(0, 1, 2, 3))
+    ours = grad(
+        args, y0, 0.0, 1.0, revdiffrax.ReversibleAdjoint(), solver, saveat, controller
+    )
+    ref = grad(
+        args,
+        y0,
+        0.0,
+        1.0,
+        diffrax.RecursiveCheckpointAdjoint(),
+        solver,
+        saveat,
+        controller,
+    )
+    assert tree_rel_err(ours, ref) < GRAD_RTOL
+
+
+def test_stage_pullback_chosen_for_large_residuals():
+    """The stage pullback is chosen by the size of one stage's residuals: a batched
+    MLP leaves hundreds of KiB, a 3-d linear field a few bytes."""
+    mlp = eqx.nn.MLP(8, 8, 64, 2, activation=jnp.tanh, key=jr.PRNGKey(0))
+    big = diffrax.ODETerm(lambda t, y, args: jax.vmap(args)(y))
+    small = diffrax.ODETerm(lambda t, y, args: args @ y)
+    solver = diffrax.Tsit5()
+    t0, t1 = jnp.asarray(0.0), jnp.asarray(0.1)
+    assert erk.use_stage_pullback(solver, big, t0, t1, jnp.zeros((256, 8)), mlp)
+    assert not erk.use_stage_pullback(solver, small, t0, t1, jnp.ones(3), jnp.eye(3))
+    # Not for bases that are not plain explicit Runge-Kutta methods, nor when the user
+    # asked for diffrax's stage loop.
+    scan = diffrax.Tsit5(scan_kind="lax")
+    assert not erk.use_stage_pullback(scan, big, t0, t1, jnp.zeros((256, 8)), mlp)
+    heun = diffrax.ReversibleHeun()
+    assert not erk.use_stage_pullback(heun, big, t0, t1, jnp.zeros((256, 8)), mlp)
+
+
+@pytest.mark.parametrize("base", [diffrax.Midpoint(), diffrax.Dopri5()])
+def test_compiled_memory_within_checkpointing(base):
+    """The compiled temp memory of a `ReversibleAdjoint` gradient on a batched MLP
+    field is within 1.25x that of `RecursiveCheckpointAdjoint(checkpoints=2)` through
+    the same solver (it was 1.9x with Midpoint, 6x with Dopri5, before the pullback
+    was sequenced). Compile only: nothing is run."""
+    mlp = eqx.nn.MLP(8, 8, 64, 2, activation=jnp.tanh, key=jr.PRNGKey(0))
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+    term = diffrax.ODETerm(lambda t, y, p: jax.vmap(eqx.combine(p, static))(y))
+    y0 = jnp.ones((256, 8))
+    solver = revdiffrax.Reversible(base)
+
+    def temp_bytes(adjoint):
+        def loss(p):
+            sol = diffrax.diffeqsolve(
+                term,
+                solver,
+                0.0,
+                1.0,
+                0.05,
+                y0,
+                args=p,
+                adjoint=adjoint,
+                max_steps=20,
+            )
+            return jnp.sum(sol.ys**2)  # pyright: ignore[reportOptionalOperand]
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes(revdiffrax.ReversibleAdjoint(drift_tol=None))
+    ref = temp_bytes(diffrax.RecursiveCheckpointAdjoint(checkpoints=2))
+    assert ours <= 1.25 * ref, (ours, ref)
