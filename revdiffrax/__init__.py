@@ -7,6 +7,10 @@ from ._adjoint import (
     DriftWarning as DriftWarning,
     ReversibleAdjoint as ReversibleAdjoint,
 )
+from ._adjoint_choice import (
+    AdjointChoice as AdjointChoice,
+    choose_adjoint as choose_adjoint,
+)
 from ._checkpoint_choice import (
     CheckpointChoice as CheckpointChoice,
     choose_checkpoint_every as choose_checkpoint_every,

@@ -9,6 +9,7 @@ pullback runs one stage at a time (`_StagePullback`) so that only one stage's
 residuals are alive at once.
 """
 
+from collections.abc import Callable
 from typing import TypeGuard
 
 import diffrax
@@ -130,9 +131,14 @@ class _StagePullback(eqx.Module):
     ts: Array  # the stage times, stacked
     control: PyTree
     ys: PyTree  # the stage inputs, stacked
+    # Applied to `terms` inside the differentiated stage, so that cotangents are
+    # those of the user's terms (`StateSplit.wrap`); None for the identity.
+    wrap: Callable | None = None
 
     def _stage(self, y, params, t, control):
         terms, args = params
+        if self.wrap is not None:
+            terms = self.wrap(terms)
         return terms.vf_prod(t, y, args, control)
 
     def _pull_back_stage(self, i, k_bar, params_bar, times_bar):
@@ -195,17 +201,29 @@ class _StagePullback(eqx.Module):
 
 
 def pull_back_stages(
-    tableau, terms, t0, t1, y0, args, increment_bar, acc, diff_times, dense_cotangent
+    tableau,
+    terms,
+    t0,
+    t1,
+    y0,
+    args,
+    increment_bar,
+    acc,
+    diff_times,
+    dense_cotangent,
+    wrap=None,
 ):
     """`Reversible._pull_back_base` for an explicit Runge-Kutta step, through
     `_StagePullback`. Without dense information the last stage is first evaluated in
     the loop; with it every stage is evaluated before, as the dense information's
-    cotangent depends on all of them."""
+    cotangent depends on all of them. `wrap` (if given) is applied to `terms` before
+    they are evaluated."""
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
     dense = dense_cotangent is not None
     num = _num_stages(tableau, dense)
+    stage_terms = terms if wrap is None else wrap(terms)
     ts, control, ys, ks = _erk_stages(
-        tableau, terms, t0, t1, y0, args, num, evaluate_last=dense
+        tableau, stage_terms, t0, t1, y0, args, num, evaluate_last=dense
     )
     y0_bar, params_bar = acc
     increment, aux, k_bars = None, None, None
@@ -224,7 +242,7 @@ def pull_back_stages(
     )
     k_bars = b_k_bars if k_bars is None else _add(k_bars, b_k_bars)
     pullback = _StagePullback(
-        tableau, diff_times, terms, args, jnp.stack(ts), control, _stack(ys)
+        tableau, diff_times, terms, args, jnp.stack(ts), control, _stack(ys), wrap
     )
     k_last, y0_bar, params_bar, stage_times_bar = pullback(k_bars, y0_bar, params_bar)
     if increment is None:
@@ -232,7 +250,7 @@ def pull_back_stages(
     times_bar = None
     if diff_times:
         _, vjp = eqx.filter_vjp(
-            lambda t0_, t1_: _stage_times(tableau, terms, t0_, t1_, num), t0, t1
+            lambda t0_, t1_: _stage_times(tableau, stage_terms, t0_, t1_, num), t0, t1
         )
         t_bars, control_bar = stage_times_bar
         times_bar = vjp((list(t_bars), control_bar))

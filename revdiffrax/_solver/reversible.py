@@ -22,6 +22,7 @@ from .erk import (
     pull_back_stages as _pull_back_stages,
     use_stage_pullback as _use_stage_pullback,
 )
+from .integrated import check_integrated, split_state, StateSplit
 
 
 _BaseState: TypeAlias = Any
@@ -102,6 +103,23 @@ def _merge_times_bar(times_bar_a, times_bar_b):
     if times_bar_a is None:
         return None
     return (times_bar_a[0] + times_bar_b[1], times_bar_a[1] + times_bar_b[0])
+
+
+def _freeze(integrated: PyTree[bool] | None) -> Any:
+    if integrated is None or isinstance(integrated, _Frozen):
+        return integrated
+    leaves, treedef = jtu.tree_flatten(integrated)
+    return _Frozen(treedef, tuple(leaves))
+
+
+class _Frozen(eqx.Module):
+    """A PyTree of bools, flattened so that it is hashable."""
+
+    treedef: Any = eqx.field(static=True)
+    leaves: tuple[Any, ...] = eqx.field(static=True)
+
+    def thaw(self) -> PyTree[bool]:
+        return jtu.tree_unflatten(self.treedef, self.leaves)
 
 
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
@@ -189,6 +207,9 @@ class Reversible(
 
     solver: diffrax.AbstractSolver
     coupling: float = 0.999
+    # `None`, or the flattened `integrated` PyTree as `(treedef, leaves)`: static, and
+    # hashable whatever the state's containers (see `_freeze`).
+    integrated: Any = eqx.field(default=None, static=True, converter=_freeze)
 
     # Every base step is made with `made_jump=True`, so jumps change nothing.
     reversible_across_jumps: ClassVar[bool] = True
@@ -251,7 +272,30 @@ class Reversible(
                 "for Stratonovich SDEs. Use a Stratonovich solver, e.g. "
                 "`revdiffrax.Reversible(diffrax.Heun())`."
             )
-        return y0, self.solver.init(terms, t0, t1, y0, args)
+        split = self._split(y0)
+        check_integrated(split, terms, t0, y0, args)
+        base_state = self.solver.init(terms, t0, t1, y0, args)
+        if split.any and not _is_plain_erk(self.solver) and jtu.tree_leaves(base_state):
+            raise ValueError(
+                "`Reversible(integrated=...)` needs a base solver without state, e.g. "
+                "an explicit Runge-Kutta method with the default `scan_kind=None`; got "
+                f"{self.solver!r}."
+            )
+        return split.full(split.dynamic(y0)), base_state
+
+    def _split(self, y: Y) -> StateSplit:
+        """The dynamic and integrated leaves of a state `y`."""
+        integrated = None if self.integrated is None else self.integrated.thaw()
+        return split_state(integrated, y)
+
+    def _backward_increment(self, terms, t1, t0, y1, args, base_state):
+        """B = Psi_{-h}(t_{n+1}, y_{n+1}), made on the dynamic leaves only (zero on the
+        integrated ones, which z does not carry)."""
+        split = self._split(y1)
+        psi_y, _, _, result = self._base_step(
+            split.wrap(terms), t1, t0, split.dynamic(y1), args, base_state
+        )
+        return split.full(psi_y), result
 
     def _base_step(self, terms, t0, t1, u, args, base_state):
         # `made_jump=True` makes FSAL solvers re-evaluate their first stage: successive
@@ -270,7 +314,8 @@ class Reversible(
 
     def _dense_info(self, y0, z0, base_dense_info):
         offset = _sub(y0, z0)
-        drift = jtu.tree_map(lambda o: -(1 - self.coupling) * o, offset)
+        lam = self._split(y0).coupling(self.coupling)
+        drift = jtu.tree_map(lambda l, o: -(1 - l) * o, lam, offset)
         return dict(base=base_dense_info, offset=offset, drift=drift)
 
     def step(
@@ -284,13 +329,15 @@ class Reversible(
         made_jump: BoolScalarLike,
     ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump
-        lam = self.coupling
+        lam = self._split(y0).coupling(self.coupling)
         z0, base_state = solver_state
         psi_z, error, base_dense_info, result1 = self._base_step(
             terms, t0, t1, z0, args, base_state
         )
-        y1 = _add(_axpy(lam, y0, jtu.tree_map(lambda z: (1 - lam) * z, z0)), psi_z)
-        psi_y, _, _, result2 = self._base_step(terms, t1, t0, y1, args, base_state)
+        y1 = jtu.tree_map(
+            lambda l, y, z, p: l * y + (1 - l) * z + p, lam, y0, z0, psi_z
+        )
+        psi_y, result2 = self._backward_increment(terms, t1, t0, y1, args, base_state)
         z1 = _sub(z0, psi_y)
         dense_info = self._dense_info(y0, z0, base_dense_info)
         result = diffrax.RESULTS.where(
@@ -310,7 +357,7 @@ class Reversible(
     ) -> tuple[Y, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump
         z1, base_state = solver_state
-        psi_y, _, _, result1 = self._base_step(terms, t1, t0, y1, args, base_state)
+        psi_y, result1 = self._backward_increment(terms, t1, t0, y1, args, base_state)
         z0 = _add(z1, psi_y)
         psi_z, _, base_dense_info, result2 = self._base_step(
             terms, t0, t1, z0, args, base_state
@@ -322,13 +369,17 @@ class Reversible(
         )
         return y0, dense_info, (z0, base_state), result
 
-    def _increment_fn(self, ta, tb, base_state, diff_times: bool, dense: bool):
+    def _increment_fn(
+        self, ta, tb, base_state, diff_times: bool, dense: bool, wrap=None
+    ):
         """The base step from `ta` to `tb` as a function of `(u, (terms, args),
         times)`, to differentiate (`times` is `(ta, tb)` if `diff_times`, else
-        ignored): its increment, and its dense information if `dense`."""
+        ignored): its increment, and its dense information if `dense`. `wrap`, if
+        given, is applied to the terms first (`StateSplit.wrap`)."""
 
         def increment(u, params, times):
             terms, args = params
+            terms = terms if wrap is None else wrap(terms)
             _ta, _tb = times if diff_times else (ta, tb)
             psi, _, dense_info, _ = self._base_step(
                 terms, _ta, _tb, u, args, base_state
@@ -369,13 +420,14 @@ class Reversible(
         del made_jump, want_dense
         z1, base_state = solver_state
         params = (terms, args)
-        backward = self._increment_fn(t1, t0, base_state, diff_times, dense=False)
+        split = self._split(y1)
+        backward = self._increment_fn(t1, t0, base_state, diff_times, False, split.wrap)
         forward = self._increment_fn(t0, t1, base_state, diff_times, dense=True)
         # B: the backward base step of y_{n+1}, which gives z_n = z_{n+1} + B.
         (psi_y, _), vjp_b = eqx.filter_vjp(
-            backward, y1, params, (t1, t0) if diff_times else None
+            backward, split.dynamic(y1), params, (t1, t0) if diff_times else None
         )
-        z0 = _add(z1, psi_y)
+        z0 = _add(z1, split.full(psi_y))
         # A: the forward base step of z_n, which gives y_n.
         (psi_z, base_dense_info), vjp_a = eqx.filter_vjp(
             forward, z0, params, (t0, t1) if diff_times else None
@@ -385,8 +437,10 @@ class Reversible(
 
         def pullback(y1_bar, solver_state1_bar, dense_info_bar):
             z1_bar, base_state_bar = solver_state1_bar
-            y_bar_b, params_bar_b, times_bar_b = vjp_b(((-ω(z1_bar)).ω, None))
-            y1_bar = _add(y1_bar, y_bar_b)
+            y_bar_b, params_bar_b, times_bar_b = vjp_b(
+                (split.dynamic((-ω(z1_bar)).ω), None)
+            )
+            y1_bar = _add(y1_bar, split.full(y_bar_b))
             y0_bar, z0_bar, d = self._coupling_pullback(y1_bar, z1_bar, dense_info_bar)
             if d is None:
                 base_bar = jtu.tree_map(
@@ -410,13 +464,13 @@ class Reversible(
         (after B's pullback) and z_{n+1}, not counting A: y_{n+1} = lam y_n +
         (1 - lam) z_n + A(z_n). Also `d`, the cotangent that the dense information
         (through `offset = y_n - z_n` and `drift`) adds to y_n and takes from z_n."""
-        lam = self.coupling
-        y0_bar = (lam * ω(y1_bar)).ω
-        z0_bar = (ω(z1_bar) + (1 - lam) * ω(y1_bar)).ω
+        lam = self._split(y1_bar).coupling(self.coupling)
+        y0_bar = (ω(lam) * ω(y1_bar)).ω
+        z0_bar = (ω(z1_bar) + (1 - ω(lam)) * ω(y1_bar)).ω
         d = None
         if dense_info_bar is not None:
             offset_bar = ω(dense_info_bar["offset"])
-            d = (offset_bar - (1 - lam) * ω(dense_info_bar["drift"])).ω
+            d = (offset_bar - (1 - ω(lam)) * ω(dense_info_bar["drift"])).ω
         return y0_bar, z0_bar, d
 
     def _pull_back_base(
@@ -430,14 +484,18 @@ class Reversible(
         acc,
         diff_times: bool,
         dense_cotangent: Callable | None = None,
+        wrap: Callable | None = None,
     ):
         """Evaluate the base step from `ta` to `tb` at `u` and pull `increment_bar`
         back through it, adding to the cotangents `acc = (u_bar, params_bar)`. With
         `dense_cotangent(increment, dense_info) -> (dense_info_bar, aux)`, also pull
-        back the cotangent of its dense information. Returns the increment, the
-        updated `acc`, the cotangent of `(ta, tb)` (if `diff_times`) and `aux`."""
+        back the cotangent of its dense information. `wrap`, if given, is applied to
+        the terms before they are evaluated (`StateSplit.wrap`). Returns the
+        increment, the updated `acc`, the cotangent of `(ta, tb)` (if `diff_times`)
+        and `aux`."""
         terms, args = params
-        if _use_stage_pullback(self.solver, terms, ta, tb, u, args):
+        step_terms = terms if wrap is None else wrap(terms)
+        if _use_stage_pullback(self.solver, step_terms, ta, tb, u, args):
             tableau = self.solver.tableau  # pyright: ignore[reportAttributeAccessIssue]
             return _pull_back_stages(
                 tableau,
@@ -450,9 +508,10 @@ class Reversible(
                 acc,
                 diff_times,
                 dense_cotangent,
+                wrap,
             )
         dense = dense_cotangent is not None
-        fn = self._increment_fn(ta, tb, base_state, diff_times, dense)
+        fn = self._increment_fn(ta, tb, base_state, diff_times, dense, wrap)
         times = (ta, tb) if diff_times else None
         (increment, dense_info), vjp = eqx.filter_vjp(fn, u, params, times)
         dense_info_bar, aux = None, None
@@ -493,18 +552,21 @@ class Reversible(
         z1, base_state = solver_state
         y1_bar, (z1_bar, base_state_bar), params_bar = cotangents
         params = (terms, args)
-        # B, whose cotangent is -z1_bar.
-        psi_y, (y1_bar, params_bar), times_bar_b, _ = self._pull_back_base(
+        split = self._split(y1)
+        # B, whose cotangent is -z1_bar, on the dynamic leaves.
+        psi_y, (y1_dynamic_bar, params_bar), times_bar_b, _ = self._pull_back_base(
             t1,
             t0,
-            y1,
+            split.dynamic(y1),
             params,
             base_state,
-            (-ω(z1_bar)).ω,
-            (y1_bar, params_bar),
+            split.dynamic((-ω(z1_bar)).ω),
+            (split.dynamic(y1_bar), params_bar),
             diff_times,
+            wrap=split.wrap,
         )
-        z0 = _add(z1, psi_y)
+        y1_bar = split.merge(y1_dynamic_bar, y1_bar)
+        z0 = _add(z1, split.full(psi_y))
         # A, whose cotangent is that of y_{n+1}.
         y0_bar, z0_bar, _ = self._coupling_pullback(y1_bar, z1_bar, None)
         psi_z, (z0_bar, params_bar), times_bar_a, aux = self._pull_back_base(
@@ -542,9 +604,9 @@ class Reversible(
         return base_dense_cotangent
 
     def _reconstruct_y0(self, y1, z0, psi_z):
-        lam = self.coupling
+        lam = self._split(y1).coupling(self.coupling)
         return jtu.tree_map(
-            lambda y, z, p: (y - (1 - lam) * z - p) / lam, y1, z0, psi_z
+            lambda l, y, z, p: (y - (1 - l) * z - p) / l, lam, y1, z0, psi_z
         )
 
     def func(
@@ -559,4 +621,12 @@ Reversible.__init__.__doc__ = """**Arguments:**
     it must converge to the Stratonovich solution (e.g. `diffrax.Heun()`,
     `diffrax.ShARK()`).
 - `coupling`: the coupling parameter $\\lambda \\in (0, 1]$. Defaults to `0.999`.
+- `integrated`: `None` (the default), or a PyTree of bools with the structure of the
+    state (or a prefix of it) marking *integrated components*: leaves $q$ with
+    $dq/dt = g(t, x)$ that nothing reads, like a CNF's log-density or a running cost,
+    e.g. `integrated=(False, True)` for a state `(x, logp)`. They are advanced by the
+    forward base step alone, $q_{n+1} = q_n + \\Psi^q_h(t_n, z_n)$, and undone by
+    subtraction: no coupling, no second state, and the backward base step skips
+    their vector field (one evaluation of $g$ per step instead of two). ODEs only;
+    a vector field that reads a declared component is refused.
 """
