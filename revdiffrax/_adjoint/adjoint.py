@@ -11,6 +11,7 @@ import jax.lax as lax
 import jax.tree_util as jtu
 from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivateUsage]
 
+from .._varying import make_varying, varying_axes
 from .checks import check_inputs
 from .closure import convert_saveat, convert_terms
 from .forward import DiffInputs
@@ -145,6 +146,12 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
         inputs = DiffInputs(y0=y0, args=args, terms=terms, t0=t0, t1=t1, ts=ts, dt0=dt0)
+        # Inside `jax.shard_map`: every input varies over the mesh axes that any of
+        # them varies over, so that the loop carries built from them keep their
+        # types (`varying.py`). JAX's autodiff sums the cotangents of replicated
+        # inputs over the devices (the transpose of this cast).
+        axes = varying_axes((inputs, init_state, stepsize_controller))
+        inputs = make_varying(inputs, axes)
         # Everything the loop depends on other than `inputs` is a constant; the
         # dependence of the initial solver state on (y0, args, terms, t0) is re-traced
         # on the backward pass through `solver.init`, and the differentiable copies of

@@ -15,6 +15,7 @@ from equinox.internal import ω
 from jax.core import Tracer
 from jaxtyping import Array, PyTree
 
+from .._varying import varying_fori_loop
 from .base import AbstractReversibleSolver
 
 
@@ -254,7 +255,7 @@ class _StagePullback(eqx.Module):
             return k_bars, k_last, _add(y0_bar, y_bar), params_bar, times_bar
 
         carry = (k_bars, k_last, y0_bar, params_bar, times_bar)
-        _, k_last, y0_bar, params_bar, times_bar = jax.lax.fori_loop(
+        _, k_last, y0_bar, params_bar, times_bar = varying_fori_loop(
             0, num, body, carry
         )
         return k_last, y0_bar, params_bar, times_bar
