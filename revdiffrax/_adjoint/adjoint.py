@@ -11,6 +11,7 @@ import jax.lax as lax
 import jax.tree_util as jtu
 from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivateUsage]
 
+from .._varying import make_varying, varying_axes
 from .checks import check_inputs
 from .closure import convert_saveat, convert_terms
 from .forward import DiffInputs
@@ -140,11 +141,20 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             stepsize_controller=stepsize_controller,
             saveat=saveat,
         )
-        y0 = init_state.y
+        # Inside `jax.shard_map`: every input varies over the mesh axes that any of
+        # them varies over, so that the loop carries built from them keep their
+        # types (`revdiffrax/_varying.py`); before the closure conversion, which
+        # traces the vector fields with these types. JAX's autodiff sums the
+        # cotangents of replicated inputs over the devices (the transpose of the
+        # cast).
+        axes = varying_axes((init_state, args, terms, saveat, stepsize_controller))
+        diff = (init_state.y, args, terms, saveat, t0, t1, dt0)
+        y0, args, terms, saveat, t0, t1, dt0 = make_varying(diff, axes)
         terms = convert_terms(terms, t0, y0, args)
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
         inputs = DiffInputs(y0=y0, args=args, terms=terms, t0=t0, t1=t1, ts=ts, dt0=dt0)
+        inputs = make_varying(inputs, axes)  # e.g. the closed-over constants
         # Everything the loop depends on other than `inputs` is a constant; the
         # dependence of the initial solver state on (y0, args, terms, t0) is re-traced
         # on the backward pass through `solver.init`, and the differentiable copies of

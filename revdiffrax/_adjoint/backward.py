@@ -2,12 +2,17 @@
 pulling the cotangents back through each step as it is rebuilt."""
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree
 
 from .._solver import AbstractReversibleSolver
+from .._varying import (
+    make_varying,
+    match_varying,
+    varying_axes,
+    varying_while_loop,
+)
 from .checkpoints import restore_checkpoint
 from .cotangents import (
     add,
@@ -142,7 +147,11 @@ class _Backward(eqx.Module):
 
         def init(y0, params, t0):
             terms, args = params
-            return self.solver.init(terms, t0, tnext, y0, args)
+            state = self.solver.init(terms, t0, tnext, y0, args)
+            # Inside `jax.shard_map`, a part of the state that does not depend on the
+            # inputs (e.g. a zero first stage) is replicated; its cotangent, from the
+            # loop, varies.
+            return match_varying(state, carry.solver_state_bar)
 
         _, vjp = eqx.filter_vjp(init, inputs.y0, (inputs.terms, inputs.args), inputs.t0)
         y0_bar, params_bar, t0_bar = vjp(carry.solver_state_bar)
@@ -165,6 +174,13 @@ def backward(
 ) -> DiffInputs:
     """The cotangents of the differentiable inputs, from those of the outputs."""
     saveat = replace_ts(saveat, inputs.ts)
+    # Inside `jax.shard_map` the inputs vary over the mesh (`ReversibleAdjoint.loop`
+    # made them); what the backward pass combines with them does too, so that every
+    # vector-Jacobian product below is taken per device, in the inputs' type.
+    axes = varying_axes(inputs)
+    residuals, grad_final_state, init_state = make_varying(
+        (residuals, grad_final_state, init_state), axes
+    )
     times = StepTimes(
         t0=inputs.t0,
         t1=inputs.t1,
@@ -193,7 +209,7 @@ def backward(
         diff_times=diff_times,
     )
     # A lambda, not the bound method: `lax.while_loop` hashes its body function.
-    carry = lax.while_loop(
+    carry = varying_while_loop(
         lambda c: c.n > 0, lambda c: bwd.reverse_step(c), bwd.initial_carry()
     )
     y_bar, grads = bwd.outputs.at_start(

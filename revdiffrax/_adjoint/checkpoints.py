@@ -8,17 +8,17 @@ Checkpoint `j` holds the state after accepted step `(j + 1) * k`.
 from collections.abc import Callable
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree
 
+from .._varying import while_loop
 from .drift import relative_drift
 
 
-outer_loop = jax.named_call(eqxi.while_loop, name="outer-loop")
+outer_loop = jax.named_call(while_loop, name="outer-loop")
 
 
 def num_checkpoints(checkpoint_every: int | None, max_steps: int) -> int:
@@ -79,7 +79,6 @@ def checkpointing_outer_loop(
         (init_val, checkpoints),
         max_steps=max_steps,
         buffers=lambda carry: buffers(carry[0]),
-        kind="lax",
     )
     out.append(ckpts)
     return final_state

@@ -5,13 +5,13 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax._integrate import SaveState
 from equinox.internal import ω
 from jaxtyping import Array, Int, PyTree, Real
 
+from .._varying import varying_while_loop
 from .saveat import steps_output, t1_output
 from .step_times import StepTimes
 
@@ -217,7 +217,7 @@ class SavedOutputs(eqx.Module):
                 )
                 return left - 1, y_bar_, grads_
 
-            _, y_bar, grads = lax.while_loop(
+            _, y_bar, grads = varying_while_loop(
                 lambda c: c[0] > 0, body, (ts_left[i], y_bar, grads)
             )
         for sub, bar in zip(self.subs, self.bars):
@@ -265,4 +265,4 @@ def _ts_in_step(
 
     zero = jnp.zeros((), jnp.result_type(t_a))
     init = (left, dense_info_bar, zero_cotangent(args), zero, zero, jnp.zeros_like(ts))
-    return lax.while_loop(cond, body, init)
+    return varying_while_loop(cond, body, init)

@@ -14,6 +14,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
+from .._varying import match_varying, varying_axes
+
 
 def relative_drift(y_rec: PyTree[Array], y_true: PyTree[Array]) -> Float[Array, ""]:
     """Relative 2-norm error $\\|y_{rec} - y\\|_2 / \\|y\\|_2$ (absolute if y = 0)."""
@@ -80,23 +82,56 @@ class _WarnOnce:
         return cotangents
 
 
-def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
-    """Pass the cotangents through a host callback that warns, when the drift is
-    large. As in `equinox.error_if`: a `pure_callback` under a `cond` whose output the
-    cotangents depend on, so that it runs whichever cotangents are used, and costs
-    nothing when it is not taken (a `debug.callback`, which has side effects, costs a
-    host synchronisation on every call)."""
-    warn = _WarnOnce(auto_drift_tol(drift.dtype), drift.dtype)
+class _Raise:
+    """A host-side check that raises the drift error (see `_raise_if_large`)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, cotangents: PyTree, drift: np.ndarray) -> PyTree:
+        del cotangents, drift
+        raise RuntimeError(self.message)
+
+
+def _on_host_if(
+    cotangents: PyTree, drift: Float[Array, ""], tol: float, check: Callable
+) -> PyTree:
+    """Pass the cotangents through the host callback `check`, when the drift is
+    above `tol` (or NaN). As in `equinox.error_if`: a `pure_callback` under a `cond`
+    whose output the cotangents depend on, so that it runs whichever cotangents are
+    used, and costs nothing when it is not taken (a `debug.callback`, which has side
+    effects, costs a host synchronisation on every call)."""
     # `unvmap_any`: under `vmap`, one `cond` for the batch, not a `select`.
-    pred = eqxi.unvmap_any(jnp.logical_not(drift <= warn.tol))
+    pred = eqxi.unvmap_any(jnp.logical_not(drift <= tol))
 
     def handle(cotangents_, drift_):
         struct = jax.eval_shape(lambda: cotangents_)
-        return jax.pure_callback(
-            warn, struct, cotangents_, drift_, vmap_method="broadcast_all"
+        out = jax.pure_callback(
+            check, struct, cotangents_, drift_, vmap_method="broadcast_all"
         )
+        # Inside `jax.shard_map`, a callback's outputs are typed as replicated.
+        return match_varying(out, cotangents_)
 
     return lax.cond(pred, handle, lambda c, _: c, cotangents, drift)
+
+
+def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
+    """Warn (once per compilation) when the drift is large."""
+    warn = _WarnOnce(auto_drift_tol(drift.dtype), drift.dtype)
+    return _on_host_if(cotangents, drift, warn.tol, warn)
+
+
+def _raise_if_large(
+    cotangents: PyTree, drift: Float[Array, ""], drift_tol: float
+) -> PyTree:
+    """Raise an error when the drift exceeds `drift_tol`: `equinox.error_if`, except
+    inside `jax.shard_map`, whose types equinox 0.13's `error_if` does not keep (its
+    callback returns replicated values), where a callback that raises is used."""
+    message = _DRIFT_MESSAGE.format(tol=drift_tol)
+    # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
+    if not varying_axes(cotangents):
+        return eqx.error_if(cotangents, jnp.logical_not(drift <= drift_tol), message)
+    return _on_host_if(cotangents, drift, drift_tol, _Raise(message))
 
 
 def report_drift(
@@ -115,9 +150,4 @@ def report_drift(
         return cotangents
     if isinstance(drift_tol, str):
         return _warn_if_large(cotangents, drift)
-    # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
-    return eqx.error_if(
-        cotangents,
-        jnp.logical_not(drift <= drift_tol),
-        _DRIFT_MESSAGE.format(tol=drift_tol),
-    )
+    return _raise_if_large(cotangents, drift, drift_tol)

@@ -6,12 +6,12 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from diffrax._integrate import SaveState
 from jaxtyping import Array, Float, Int, PyTree
 
+from .._varying import make_varying, varying_axes, while_loop
 from .checkpoints import (
     checkpointing_outer_loop,
     empty_checkpoints,
@@ -22,7 +22,7 @@ from .saveat import replace_ts
 from .step_times import needs_recording
 
 
-inner_loop = jax.named_call(eqxi.while_loop, name="inner-loop")
+inner_loop = jax.named_call(while_loop, name="inner-loop")
 
 
 class DiffInputs(eqx.Module):
@@ -99,19 +99,29 @@ def forward(
         saveat = diffrax.SaveAt(
             subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
         )
+    # Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
+    # saving the (varying) solution and keeping its buffers, whose branches must
+    # have equal types, so the save buffers start as varying as the inputs. (The
+    # loop carries' other types are found by `varying_while_loop`.)
+    axes = varying_axes(inputs)
+    init_state = eqx.tree_at(
+        lambda s: s.save_state,
+        init_state,
+        make_varying(init_state.save_state, axes),
+        is_leaf=_is_none,
+    )
     count = num_checkpoints(adjoint.checkpoint_every, max_steps)
     out = []
     if with_checkpoints and count > 0:
+        checkpoints = empty_checkpoints((init_state.y, init_state.solver_state), count)
         outer_while_loop = ft.partial(
             checkpointing_outer_loop,
             every=adjoint.checkpoint_every,
-            checkpoints=empty_checkpoints(
-                (init_state.y, init_state.solver_state), count
-            ),
+            checkpoints=make_varying(checkpoints, axes),
             out=out,
         )
     else:
-        outer_while_loop = ft.partial(outer_loop, kind="lax")
+        outer_while_loop = outer_loop
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
         terms=inputs.terms,
@@ -120,7 +130,7 @@ def forward(
         max_steps=max_steps,
         t0=inputs.t0,
         t1=inputs.t1,
-        inner_while_loop=ft.partial(inner_loop, kind="lax"),
+        inner_while_loop=inner_loop,
         outer_while_loop=outer_while_loop,
         **loop_kwargs,
     )

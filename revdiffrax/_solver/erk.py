@@ -14,11 +14,12 @@ from typing import TypeGuard
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
+
+from .._varying import varying_fori_loop
 
 
 def _add(x, y):
@@ -194,7 +195,7 @@ class _StagePullback(eqx.Module):
             return k_bars, k_last, _add(y0_bar, y_bar), params_bar, times_bar
 
         carry = (k_bars, k_last, y0_bar, params_bar, times_bar)
-        _, k_last, y0_bar, params_bar, times_bar = jax.lax.fori_loop(
+        _, k_last, y0_bar, params_bar, times_bar = varying_fori_loop(
             0, num, body, carry
         )
         return k_last, y0_bar, params_bar, times_bar

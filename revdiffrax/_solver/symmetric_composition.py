@@ -3,7 +3,6 @@ from typing import Any, ClassVar, TypeAlias
 
 import diffrax
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -12,6 +11,7 @@ from diffrax._heuristics import is_sde
 from diffrax._local_interpolation import ThirdOrderHermitePolynomialInterpolation
 from jaxtyping import PyTree
 
+from .._varying import varying_scan
 from .asynchronous_leapfrog import AsynchronousLeapfrog
 from .base import AbstractReversibleSolver
 from .reversible_heun import ReversibleHeun
@@ -334,7 +334,7 @@ class SymmetricComposition(
             return (y, state, _combine_results([result, r])), None
 
         steps = jnp.arange(1, len(fractions))
-        (y, state, result), _ = lax.scan(body, (y, state, result), steps)
+        (y, state, result), _ = varying_scan(body, (y, state, result), steps)
         return y, state, result
 
     def _backward_scan(self, terms, t0, t1, y1, args, state, made_jump, fractions):
@@ -350,7 +350,7 @@ class SymmetricComposition(
 
         steps = jnp.arange(1, len(fractions))
         init = (y1, state, diffrax.RESULTS.successful)
-        (y, state, result), _ = lax.scan(body, init, steps, reverse=True)
+        (y, state, result), _ = varying_scan(body, init, steps, reverse=True)
         times = self._times(t0, t1, fractions)
         y, _, state, r = self.solver.backward_step(
             terms, times[0], times[1], y, args, state, made_jump
