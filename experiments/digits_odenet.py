@@ -312,7 +312,7 @@ QUICK = dict(
     channels=4,
     batch=32,
     adjoints="reversible,direct",
-    memory_steps=[2, 4],
+    memory_steps=[4, 32],
     memory_adjoints="reversible,direct",
 )
 FULL = dict(
