@@ -291,3 +291,198 @@ def test_report_from_results(tmp_path):
         "white_dwarf_trajectory.png",
     ):
         assert (tmp_path / f).is_file()
+
+
+# ---------------------------------------------------------------------------
+# Experiments where memory binds: CNF, digits ODE-Net, neural CDE on UEA data
+# ---------------------------------------------------------------------------
+
+
+def _check_adjoint_table(result, out_dir, name, plots):
+    for f in [f"{name}.json", f"{name}.csv", f"{name}.md", *plots]:
+        path = os.path.join(out_dir, f)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, path
+    with open(os.path.join(out_dir, f"{name}.json")) as f:
+        saved = json.load(f)
+    assert saved["command"].startswith(f"python -m experiments.{name} --quick")
+    with open(os.path.join(out_dir, f"{name}.md")) as f:
+        md = f.read()
+    assert "| reversible |" in md and "| direct |" in md and "CPUs" in md
+    for records in result["tables"].values():
+        rev, direct = records
+        assert (rev["label"], direct["label"]) == ("reversible", "direct")
+        assert rev["trained"] and not direct["trained"]
+        assert len(rev["losses"]) == rev["iters"] and len(direct["losses"]) == 2
+        assert all(math.isfinite(x) for x in rev["losses"] + direct["losses"])
+        # Exact gradients either way: the same training trajectory (float32).
+        assert direct["loss_rel_diff"] < 1e-4
+        # Storing every stage costs more than reconstructing.
+        assert direct["temp_bytes"] > 2 * rev["temp_bytes"] > 0
+        assert rev["median_iter_s"] > 0 and rev["peak_rss_mb"] > 0
+    return saved
+
+
+def test_cnf_quick(tmp_path):
+    from experiments import cnf
+
+    result = cnf.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    plots = ["cnf_density.png", "cnf_cost.png", "cnf_loss.png"]
+    _check_adjoint_table(result, tmp_path, "cnf", plots)
+    (rev, _) = result["tables"]["midpoint"]
+    assert math.isfinite(rev["eval"]["NLL"])
+
+
+def test_cnf_divergence_and_density():
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    from experiments import cnf
+
+    flow = cnf.Flow(2, 16, 4, key=jr.PRNGKey(3))
+    x = jr.normal(jr.PRNGKey(4), (5, 2), jnp.float32)
+    t = jnp.asarray(0.3, jnp.float32)
+    jac = jax.vmap(jax.jacfwd(lambda xi: flow(t, xi)))(x)
+    exact = jnp.trace(jac, axis1=1, axis2=2)
+    dx, da = cnf.cnf_field(t, (x, jnp.zeros(5, jnp.float32)), (flow, None))
+    np.testing.assert_allclose(-da, exact, rtol=1e-5, atol=1e-6)
+    # Hutchinson averaged over the four sign vectors of R^2 is the exact trace.
+    signs = [jnp.array(s, jnp.float32) for s in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+    hutch = [
+        cnf.cnf_field(t, (x, 0 * x[:, 0]), (flow, s * jnp.ones_like(x)))[1]
+        for s in signs
+    ]
+    np.testing.assert_allclose(-sum(hutch) / 4, exact, rtol=1e-5, atol=1e-6)
+    # The flow's density integrates to one (change of variables, sign of logp).
+    g = np.linspace(-7, 7, 141, dtype=np.float32)
+    grid = jnp.asarray(np.stack(np.meshgrid(g, g), -1).reshape(-1, 2))
+    solver = cnf.make_solver("midpoint")
+    logp = cnf.push_forward(flow, grid, solver, diffrax.DirectAdjoint(), 10)
+    mass = float(jnp.sum(jnp.exp(logp)) * (g[1] - g[0]) ** 2)
+    assert abs(mass - 1) < 1e-2
+
+
+def test_digits_odenet_quick(tmp_path):
+    from experiments import digits_odenet
+
+    result = digits_odenet.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    plots = [
+        "digits_odenet_cost.png",
+        "digits_odenet_loss.png",
+        "digits_odenet_memory_steps.png",
+    ]
+    _check_adjoint_table(result, tmp_path, "digits_odenet", plots)
+    (rev, _) = next(iter(result["tables"].values()))
+    assert 0 <= rev["eval"]["test accuracy"] <= 1
+    assert result["config"]["num_train"] + result["config"]["num_test"] == 1797
+    # Direct memory grows with the number of steps (DirectAdjoint allocates in
+    # blocks of 16 steps), and exceeds reversible's, which does not grow.
+    mem = {k: dict(v) for k, v in result["memory_vs_steps"].items()}
+    assert mem["direct"][32] > mem["direct"][4] > mem["reversible"][4]
+    assert mem["reversible"][32] < 1.1 * mem["reversible"][4]
+
+
+def test_uea_cde_quick(tmp_path):
+    from experiments import uea_cde
+
+    result = uea_cde.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    _check_adjoint_table(
+        result, tmp_path, "uea_cde", ["uea_cde_cost.png", "uea_cde_loss.png"]
+    )
+    cfg = result["config"]
+    assert (cfg["channels"], cfg["num_classes"], cfg["length"]) == (13, 9, 29)
+    assert cfg["steps"] == 28  # one step per observation interval in --quick
+
+
+def test_japanese_vowels_from_sktime():
+    from experiments.ts_data import find_split, load_ts
+
+    train = load_ts(find_split("JapaneseVowels", "TRAIN"))
+    test = load_ts(find_split("JapaneseVowels", "TEST"))
+    assert (len(train.series), len(test.series)) == (270, 370)
+    assert train.dims == 12 and train.class_labels == [str(i) for i in range(1, 10)]
+    lengths = [len(s) for s in train.series + test.series]
+    assert (min(lengths), max(lengths)) == (7, 29)
+
+
+TS_HEADER = """\
+# a comment
+@problemName Tiny
+@timeStamps false
+@univariate false
+@dimensions 2
+@equalLength false
+@classLabel true a b
+@data
+"""
+
+
+def test_ts_loader_and_padding(tmp_path):
+    from experiments.ts_data import channel_stats, load_ts, to_arrays
+
+    path = tmp_path / "tiny.ts"
+    path.write_text(TS_HEADER + "1,2,3:4,5,6:a\n7,8:9,10:b\n")
+    data = load_ts(path)
+    assert data.name == "Tiny" and list(data.labels) == ["a", "b"]
+    np.testing.assert_array_equal(data.series[0], [[1, 4], [2, 5], [3, 6]])
+    mean, std = channel_stats(data)
+    x, y = to_arrays(data, 3, mean, std)
+    assert x.shape == (2, 3, 3) and list(y) == [0, 1]
+    # The shorter case holds its last value, time channel included.
+    np.testing.assert_array_equal(x[1, 2], x[1, 1])
+    np.testing.assert_allclose(x[0, :, 0], [0, 0.5, 1])
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty"),
+        ("1,2:3,4:a\n", "not a tag"),
+        (TS_HEADER.replace("@data\n", ""), "no '@data'"),
+        (TS_HEADER.replace("false\n@uni", "true\n@uni"), "time-stamped"),
+        (TS_HEADER.replace("@classLabel true a b", "@classLabel false"), "classLabel"),
+        (TS_HEADER, "no cases"),
+        (TS_HEADER + "1,2,3:a\n", "1 dimensions, the header says 2"),
+        (TS_HEADER + "1,2:3,4:c\n", "label 'c'"),
+        (TS_HEADER + "1,x:3,4:a\n", "cannot parse"),
+        (TS_HEADER + "1,?:3,4:a\n", "missing values"),
+        (TS_HEADER + "1,2:3:a\n", "different lengths"),
+        (TS_HEADER + "1,inf:3,4:a\n", "non-finite"),
+    ],
+)
+def test_malformed_ts_file_errors(tmp_path, text, match):
+    from experiments.ts_data import load_ts
+
+    path = tmp_path / "bad.ts"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_ts(path)
+
+
+def test_missing_ts_file_errors(tmp_path):
+    from experiments.ts_data import find_split, load_ts
+
+    with pytest.raises(FileNotFoundError, match="@data"):
+        load_ts(tmp_path / "nope.ts")
+    with pytest.raises(FileNotFoundError, match="Nope_TRAIN.ts"):
+        find_split("Nope", "TRAIN", str(tmp_path))
+
+
+def test_parse_adjoints():
+    from experiments.adjoint_table import DEFAULT_ADJOINTS, parse_adjoints
+
+    labels = [s.label for s in parse_adjoints(DEFAULT_ADJOINTS, 100)]
+    assert labels == [
+        "reversible",
+        "checkpoint(2)",
+        "checkpoint(8)",
+        "checkpoint(14)",
+        "checkpoint(100)",
+        "direct",
+    ]
+    # floor(sqrt(2 * 32)) = 8 is listed once.
+    assert len(parse_adjoints(DEFAULT_ADJOINTS, 32)) == 5
+    with pytest.raises(SystemExit):
+        parse_adjoints("checkpoint:many", 10)
+    with pytest.raises(SystemExit):
+        parse_adjoints("backsolve", 10)
