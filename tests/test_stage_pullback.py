@@ -90,6 +90,10 @@ def test_stage_pullback_chosen_for_large_residuals():
     assert not erk.use_stage_pullback(scan, big, t0, t1, jnp.zeros((256, 8)), mlp)
     heun = diffrax.ReversibleHeun()
     assert not erk.use_stage_pullback(heun, big, t0, t1, jnp.zeros((256, 8)), mlp)
+    # `Reversible(stage_pullback=...)` overrides the size rule.
+    x = jnp.ones(3)
+    assert erk.use_stage_pullback(solver, small, t0, t1, x, jnp.eye(3), True)
+    assert not erk.use_stage_pullback(solver, big, t0, t1, x, mlp, False)
 
 
 @pytest.mark.parametrize("base", [diffrax.Midpoint(), diffrax.Dopri5()])

@@ -287,12 +287,15 @@ def stage_residual_bytes(terms, t0, t1, y, args) -> int:
     return max(_nbytes(vjp) - _nbytes(inputs), 0)
 
 
-def use_stage_pullback(solver, terms, t0, t1, u, args) -> bool:
+def use_stage_pullback(solver, terms, t0, t1, u, args, choice=None) -> bool:
     """Whether the backward pass pulls back through a base step of `solver` one
-    stage at a time (`_StagePullback`): for explicit Runge-Kutta steps whose stages
-    leave more than `UNROLLED_RESIDUALS_LIMIT` bytes of residuals. Otherwise the
-    whole step is differentiated by `jax.vjp` (unrolled for explicit Runge-Kutta
-    steps, diffrax's own step otherwise)."""
+    stage at a time (`_StagePullback`): only for explicit Runge-Kutta steps; then as
+    `choice` says, or by default when their stages leave more than
+    `UNROLLED_RESIDUALS_LIMIT` bytes of residuals. Otherwise the whole step is
+    differentiated by `jax.vjp` (unrolled for explicit Runge-Kutta steps, diffrax's
+    own step otherwise)."""
     if not is_plain_erk(solver):
         return False
+    if choice is not None:
+        return choice
     return stage_residual_bytes(terms, t0, t1, u, args) > UNROLLED_RESIDUALS_LIMIT

@@ -210,6 +210,7 @@ class Reversible(
     # `None`, or the flattened `integrated` PyTree as `(treedef, leaves)`: static, and
     # hashable whatever the state's containers (see `_freeze`).
     integrated: Any = eqx.field(default=None, static=True, converter=_freeze)
+    stage_pullback: bool | None = eqx.field(default=None, static=True)
 
     # Every base step is made with `made_jump=True`, so jumps change nothing.
     reversible_across_jumps: ClassVar[bool] = True
@@ -495,7 +496,9 @@ class Reversible(
         and `aux`."""
         terms, args = params
         step_terms = terms if wrap is None else wrap(terms)
-        if _use_stage_pullback(self.solver, step_terms, ta, tb, u, args):
+        if _use_stage_pullback(
+            self.solver, step_terms, ta, tb, u, args, self.stage_pullback
+        ):
             tableau = self.solver.tableau  # pyright: ignore[reportAttributeAccessIssue]
             return _pull_back_stages(
                 tableau,
@@ -629,4 +632,10 @@ Reversible.__init__.__doc__ = """**Arguments:**
     subtraction: no coupling, no second state, and the backward base step skips
     their vector field (one evaluation of $g$ per step instead of two). ODEs only;
     a vector field that reads a declared component is refused.
+- `stage_pullback`: how `ReversibleAdjoint` pulls back through an explicit
+    Runge-Kutta base step: `True` one stage at a time (the least memory: one stage's
+    residuals, for one more evaluation of each stage), `False` through the whole
+    unrolled step (faster, all stages' residuals at once), `None` (the default)
+    chooses `True` when one stage's residuals exceed 64 KiB. The size is that of a
+    single solve: under `jax.vmap` over many solves pass `True` where memory matters.
 """
