@@ -52,6 +52,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import shlex
 import sys
@@ -379,6 +380,39 @@ def section(result: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _short(label: str) -> str:
+    return label.replace(REVERSIBLE, "Rev")
+
+
+def _label_offsets(points: list[tuple[float, float, str]]) -> list[tuple[int, int]]:
+    """Text offsets (points) for labels right of log-log markers, chosen greedily so
+    that the labels' boxes (about 5.5 pt per character, 10 pt high, on a plot about
+    460 x 300 pt) do not overlap."""
+    if not points:
+        return []
+    lx = [math.log10(x) for x, _, _ in points]
+    ly = [math.log10(y) for _, y, _ in points]
+    sx = (max(lx) - min(lx)) or 1.0
+    sy = (max(ly) - min(ly)) or 1.0
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    candidates = [4, -12, 14, -22, 24, -32, 34, -42]
+    for (x, y, text), px, py in zip(points, lx, ly):
+        px = (px - min(lx)) / sx * 460
+        py = (py - min(ly)) / sy * 300
+        width = 5.5 * len(text)
+        for dy in candidates:
+            box = (px + 6, px + 6 + width, py + dy, py + dy + 10)
+            if not any(
+                box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3]
+                for b in placed
+            ):
+                break
+        placed.append(box)
+        out.append((6, dy))
+    return out
+
+
 def plot(result: dict, path: str) -> str:
     """Log-log time against memory, one labelled point per adjoint, the exact
     frontier as a staircase, approximate adjoints hollow grey crosses."""
@@ -401,9 +435,14 @@ def plot(result: dict, path: str) -> str:
     }
     fig, ax = plt.subplots(figsize=(7.5, 5))
     shown = [r for r in result["rows"] if r["time_s"] is not None and r["temp_bytes"]]
+    big = max((r["temp_bytes"] for r in shown), default=0) >= 2**20
+    unit, scale = ("MiB", 2**20) if big else ("KiB", 2**10)
+    offsets = _label_offsets(
+        [(r["temp_bytes"] / scale, r["time_s"], _short(r["label"])) for r in shown]
+    )
     seen = set()
-    for r in shown:
-        x, y = r["temp_bytes"] / 2**20, r["time_s"]
+    for r, offset in zip(shown, offsets):
+        x, y = r["temp_bytes"] / scale, r["time_s"]
         kind = r["kind"]
         ax.scatter(
             x,
@@ -415,17 +454,17 @@ def plot(result: dict, path: str) -> str:
         )
         seen.add(kind)
         ax.annotate(
-            r["label"].replace("Reversible", "Rev"),
+            _short(r["label"]),
             (x, y),
             textcoords="offset points",
-            xytext=(6, 4),
+            xytext=offset,
             fontsize=8,
             color=style[kind]["color"] if kind != "backsolve" else "0.35",
         )
     rows = {r["label"]: r for r in result["rows"]}
     front = result.get("frontier") or []
     if len(front) >= 1:
-        xs = [rows[k]["temp_bytes"] / 2**20 for k in front]
+        xs = [rows[k]["temp_bytes"] / scale for k in front]
         ys = [rows[k]["time_s"] for k in front]
         ax.step(
             xs,
@@ -441,7 +480,19 @@ def plot(result: dict, path: str) -> str:
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="k", lw=1, zorder=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("compiled temp memory of the gradient (MiB)")
+    from matplotlib.ticker import FuncFormatter
+
+    def major(v, _):
+        return f"{v:g}"
+
+    def minor(v, _):
+        lead = f"{v:.0e}"[0]
+        return f"{v:g}" if lead in "25" else ""
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(major))
+        axis.set_minor_formatter(FuncFormatter(minor))
+    ax.set_xlabel(f"compiled temp memory of the gradient ({unit})")
     ax.set_ylabel("gradient time, median (s)")
     skipped = [r["label"] for r in result["rows"] if r["time_s"] is None]
     title = f"{result['name']}: {result['description']}, N={result['num_steps']}"
@@ -497,6 +548,27 @@ def write_report(out_dir: str, backend: str) -> str:
 # ----------------------------------------------------------------------------------
 
 
+def _plot_path(out_dir: str, backend: str, slug: str) -> str:
+    prefix = "pareto" if backend == "cpu" else f"pareto_{backend}"
+    return os.path.join(out_dir, f"{prefix}_{slug}.png")
+
+
+def replot(out_dir: str, backend: str) -> dict:
+    """Re-analyse the saved results, redraw their plots and rewrite the report."""
+    results = {}
+    for p in sorted(glob.glob(os.path.join(out_dir, f"pareto_{backend}_*.json"))):
+        with open(p) as f:
+            result = analyse(json.load(f))
+        if not result["memory_only"]:
+            result["plot"] = plot(result, _plot_path(out_dir, backend, result["slug"]))
+        with open(p, "w") as f:
+            json.dump(result, f, indent=1)
+        results[result["name"]] = result
+    report = write_report(out_dir, backend)
+    print(f"report: {report}")
+    return dict(results=results, report=report)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke)")
@@ -516,6 +588,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "(default: 8 GiB or half the available memory, the smaller)",
     )
     parser.add_argument("--out", default=None, help="output folder")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="measure nothing: redraw the plots and the report from the JSON files "
+        "in --out",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     out_dir = str(
         args.out
@@ -526,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         int(args.max_memory * 2**30) if args.max_memory else default_max_memory()
     )
     backend = jax.default_backend()
+    if args.replot:
+        return replot(out_dir, backend)
     machine = machine_info()
     command = "python -m benchmarks.pareto " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
@@ -560,11 +640,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             wall_s=time.perf_counter() - tic,
         )
         analyse(result)
-        prefix = "pareto" if backend == "cpu" else f"pareto_{backend}"
         if not args.memory_only:
-            result["plot"] = plot(
-                result, os.path.join(out_dir, f"{prefix}_{work.slug}.png")
-            )
+            result["plot"] = plot(result, _plot_path(out_dir, backend, work.slug))
         json_path = os.path.join(out_dir, f"pareto_{backend}_{work.slug}.json")
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
