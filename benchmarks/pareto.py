@@ -538,6 +538,9 @@ def write_report(out_dir: str, backend: str) -> str:
         "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()) + ".\n",
         "## Verdicts\n",
     ]
+    missing = [name for name in order if name not in {r["name"] for r in results}]
+    if missing:
+        lines.append(f"Not measured (no result here): {', '.join(missing)}.\n")
     for r in results:
         lines.append(f"**{r['name']}** (N={r['num_steps']}):\n")
         lines += [f"- {v}" for v in r["verdict"]]
