@@ -58,6 +58,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -409,13 +410,19 @@ def _short(label: str) -> str:
     return label.replace(REVERSIBLE, "Rev")
 
 
-def _label_offsets(points: list[tuple[float, float, str]]) -> list[tuple[int, int]]:
+def _label_offsets(
+    points: list[tuple[float, float, str]],
+    size: tuple[float, float] = (460, 300),
+    char: float = 5.5,
+    height: float = 10,
+    log_x: bool = True,
+) -> list[tuple[int, int]]:
     """Text offsets (points) for labels right of log-log markers, chosen greedily so
     that the labels' boxes (about 5.5 pt per character, 10 pt high, on a plot about
     460 x 300 pt) do not overlap."""
     if not points:
         return []
-    lx = [math.log10(x) for x, _, _ in points]
+    lx = [math.log10(x) if log_x else x for x, _, _ in points]
     ly = [math.log10(y) for _, y, _ in points]
     sx = (max(lx) - min(lx)) or 1.0
     sy = (max(ly) - min(ly)) or 1.0
@@ -423,11 +430,11 @@ def _label_offsets(points: list[tuple[float, float, str]]) -> list[tuple[int, in
     out = []
     candidates = [4, -12, 14, -22, 24, -32, 34, -42]
     for (x, y, text), px, py in zip(points, lx, ly):
-        px = (px - min(lx)) / sx * 460
-        py = (py - min(ly)) / sy * 300
-        width = 5.5 * len(text)
+        px = (px - min(lx)) / sx * size[0]
+        py = (py - min(ly)) / sy * size[1]
+        width = char * len(text)
         for dy in candidates:
-            box = (px + 6, px + 6 + width, py + dy, py + dy + 10)
+            box = (px + 6, px + 6 + width, py + dy, py + dy + height)
             if not any(
                 box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3]
                 for b in placed
@@ -436,6 +443,62 @@ def _label_offsets(points: list[tuple[float, float, str]]) -> list[tuple[int, in
         placed.append(box)
         out.append((6, dy))
     return out
+
+
+def _zoom_inset(ax, shown, front, scale, style) -> bool:
+    """Where most adjoints need nearly the same memory (within 1.25x of the least)
+    and others far more, a linear-memory inset of that cluster, lower right."""
+    from matplotlib.ticker import FuncFormatter
+
+    least = min((r["temp_bytes"] for r in shown), default=0)
+    cluster = [r for r in shown if r["temp_bytes"] <= NEAR * least]
+    if len(cluster) < 4 or max(r["temp_bytes"] for r in shown) < 4 * least:
+        return False
+    sub = ax.inset_axes([0.5, 0.07, 0.47, 0.42])
+    offsets = _label_offsets(
+        [(r["temp_bytes"] / scale, r["time_s"], _short(r["label"])) for r in cluster],
+        size=(230, 120),
+        char=3.5,
+        height=7,
+        log_x=False,
+    )
+    for r, offset in zip(cluster, offsets):
+        x, y = r["temp_bytes"] / scale, r["time_s"]
+        sub.scatter(x, y, s=30, zorder=3, **style[r["kind"]])
+        sub.annotate(
+            _short(r["label"]),
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, offset[1] * 0.7),
+            fontsize=6,
+            color=style[r["kind"]]["color"] if r["kind"] != "backsolve" else "0.35",
+        )
+    names = {r["label"] for r in cluster}
+    xs = [
+        r["temp_bytes"] / scale
+        for r in shown
+        if r["label"] in front and r["label"] in names
+    ]
+    ys = [r["time_s"] for r in shown if r["label"] in front and r["label"] in names]
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    sub.step(
+        [xs[i] for i in order],
+        [ys[i] for i in order],
+        where="post",
+        color="k",
+        lw=1,
+        ls="--",
+        alpha=0.6,
+    )
+    sub.set_yscale("log")
+    sub.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    sub.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    sub.tick_params(labelsize=6)
+    sub.set_title("zoom, linear memory axis", fontsize=6)
+    sub.grid(True, which="both", alpha=0.25)
+    x0, x1 = sub.get_xlim()
+    sub.set_xlim(x0, x1 + 0.35 * (x1 - x0))
+    return True
 
 
 def plot(result: dict, path: str) -> str:
@@ -520,12 +583,14 @@ def plot(result: dict, path: str) -> str:
     ax.set_xlabel(f"compiled temp memory of the gradient ({unit})")
     ax.set_ylabel("gradient time, median (s)")
     skipped = [r["label"] for r in result["rows"] if r["time_s"] is None]
-    title = f"{result['name']}: {result['description']}, N={result['num_steps']}"
+    title = f"{result['name']}, N={result['num_steps']}: {result['description']}"
+    title = "\n".join(textwrap.wrap(title, 110))
     if skipped:
         title += f"\nnot shown (see table): {', '.join(skipped)}"
     ax.set_title(title, fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="best")
+    inset = _zoom_inset(ax, shown, front, scale, style)
+    ax.legend(fontsize=8, loc="upper right" if inset else "best")
     # Room for the labels on the right and top.
     x0, x1 = ax.get_xlim()
     ax.set_xlim(x0, x1 * 1.6)
