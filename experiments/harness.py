@@ -136,18 +136,30 @@ def median_time(fn: Callable, *args: Any, repeats: int) -> float:
 
 
 def interleaved_times(
-    fns: Mapping[Any, tuple[Callable, Any]], repeats: int
+    fns: Mapping[Any, tuple[Callable, Any]],
+    repeats: int,
+    *,
+    min_sample_s: float = 0.0,
 ) -> dict[Any, tuple[float, float]]:
     """Median and minimum times of `fns` (name -> (function, input)), timed
-    round-robin so that load changes on a shared machine hit every candidate alike."""
-    for fn, x in fns.values():
-        jax.block_until_ready(fn(x))  # warm-up
+    round-robin so that load changes on a shared machine hit every candidate alike.
+
+    With `min_sample_s > 0`, a function whose (timed) warm-up call took less than
+    that is called `ceil(min_sample_s / warm-up time)` times back to back per
+    sample, and the time per call is reported (as `timeit` does), so that calls
+    much shorter than the scheduler's time slices are not dominated by them."""
+    number = {}
+    for name, (fn, x) in fns.items():  # warm-up
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        warm = time.perf_counter() - start
+        number[name] = max(1, math.ceil(min_sample_s / warm)) if min_sample_s else 1
     times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, (fn, x) in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times[name].append(time.perf_counter() - start)
+            jax.block_until_ready([fn(x) for _ in range(number[name])])
+            times[name].append((time.perf_counter() - start) / number[name])
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 

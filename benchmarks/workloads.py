@@ -1,0 +1,361 @@
+"""The workloads of `benchmarks/pareto.py` (issue 12).
+
+Each `Workload` is a model (whose inexact arrays are the differentiated parameters),
+a data argument, a base solver and a step count; `Workload.loss(solver, adjoint)`
+gives `(params, data) -> scalar loss` through `diffrax.diffeqsolve` with
+`ConstantStepSize` and `SaveAt(t1=True)`. The model travels as the `args` of the
+solve (the documented revdiffrax usage).
+
+- `white dwarf`: 2-d state, time-dependent MLP width 10 depth 1 (the model of
+  `experiments.white_dwarf`), Midpoint, N=1000, float64;
+- `64x16`: batch 64 inside the state, 16-d, time-dependent MLP width 64 depth 2,
+  Tsit5, N=1000, float64;
+- `CNF Midpoint`, `CNF RK4`, `CNF Dopri5`: the two-moons continuous normalising flow
+  (FFJORD state (x, delta log p), batch 1000 inside the state, concat-squash MLP
+  2-128-128-128-2, tanh, exact trace), float32, t in [0, 1], N=100;
+- `CDE`: a neural CDE of the published size (hidden 32, vector field MLP width 32
+  depth 4, softplus, tanh output) on the cubic-Hermite interpolation of irregularly
+  sampled 3-channel spirals (`experiments.neural_cde.make_spirals`), batch 32 by
+  `jax.vmap`, Heun, N=1000, float64;
+- `PDE`: a neural reaction-diffusion PDE on a periodic 64x64 grid (5-point Laplacian
+  plus a 3x3 conv net 1-4-1), float32, Midpoint, N=2000: the state (16 KiB) is
+  larger than one step's working set of the network, so storing states dominates.
+
+`quick=True` shrinks every workload to run in seconds (smoke tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from experiments.model import VectorField
+from experiments.neural_cde import make_spirals
+from experiments.solvers import RK4
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    description: str
+    model: eqx.Module
+    data: Any
+    base: diffrax.AbstractSolver
+    num_steps: int
+    dtype: Any
+    # (model, data, solver, adjoint, workload) -> scalar loss
+    loss_fn: Callable[..., jax.Array]
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower().replace(" ", "_")
+
+    def loss(
+        self, solver: diffrax.AbstractSolver, adjoint: diffrax.AbstractAdjoint
+    ) -> tuple[Callable[[Any, Any], jax.Array], Any]:
+        """`(params, data) -> loss` and the params."""
+        params, static = eqx.partition(self.model, eqx.is_inexact_array)
+
+        def loss(p, data):
+            return self.loss_fn(eqx.combine(p, static), data, solver, adjoint, self)
+
+        return loss, params
+
+    def solve(self, term, solver, adjoint, y0, args) -> Any:
+        """The final state of a constant-step solve over t in [0, 1]."""
+        dt = self.dtype
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            jnp.asarray(0.0, dt),
+            jnp.asarray(1.0, dt),
+            jnp.asarray(1.0 / self.num_steps, dt),
+            y0,
+            args=args,
+            adjoint=adjoint,
+            max_steps=self.num_steps,
+        )
+        return jax.tree_util.tree_map(lambda x: x[-1], sol.ys)
+
+
+# ----------------------------------------------------------------------------------
+# MLP vector fields (white dwarf, 64x16)
+
+
+class BatchedMLP(eqx.Module):
+    """Time-dependent MLP acting on each row of a batch of states `y[b, d]`."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y):
+        def one(yi):
+            tt = jnp.reshape(t, (1,)).astype(yi.dtype)
+            return self.mlp(jnp.concatenate([tt, yi]))
+
+        return one(y) if y.ndim == 1 else jax.vmap(one)(y)
+
+
+def _call_model(t, y, model):
+    return model(t, y)
+
+
+def _mean_square_loss(model, y0, solver, adjoint, work):
+    y1 = work.solve(diffrax.ODETerm(_call_model), solver, adjoint, y0, model)
+    return jnp.mean(y1**2)
+
+
+def white_dwarf(quick: bool) -> Workload:
+    model = VectorField(2, 10, key=jax.random.PRNGKey(0), time_dependent=True)
+    return Workload(
+        "white dwarf",
+        "2-d state, MLP width 10 depth 1, Midpoint, float64",
+        model,
+        jnp.array([1.0, 0.0]),
+        diffrax.Midpoint(),
+        100 if quick else 1000,
+        jnp.float64,
+        _mean_square_loss,
+    )
+
+
+def mlp_64x16(quick: bool) -> Workload:
+    batch, width = (8, 16) if quick else (64, 64)
+    key = jax.random.PRNGKey(0)
+    mlp = eqx.nn.MLP(17, 16, width, 2, activation=jnp.tanh, key=key)
+    return Workload(
+        "64x16",
+        f"batch {batch} inside the state, 16-d, MLP width {width} depth 2, Tsit5, "
+        "float64",
+        BatchedMLP(mlp),
+        jax.random.normal(jax.random.PRNGKey(1), (batch, 16)),
+        diffrax.Tsit5(),
+        100 if quick else 1000,
+        jnp.float64,
+        _mean_square_loss,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Two-moons CNF
+
+
+def two_moons(n: int) -> np.ndarray:
+    """`sklearn.datasets.make_moons(n, noise=0.05)`, standardised, float32."""
+    from sklearn.datasets import make_moons
+
+    pts, _ = make_moons(n, noise=0.05, random_state=0)
+    return ((pts - pts.mean(0)) / pts.std(0)).astype(np.float32)
+
+
+class ConcatSquash(eqx.Module):
+    """FFJORD's concat-squash layer: `(W x + b) * sigmoid(a t + c) + d t`."""
+
+    linear: eqx.nn.Linear
+    gate: eqx.nn.Linear
+    bias: eqx.nn.Linear
+
+    def __init__(self, n_in: int, n_out: int, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.linear = eqx.nn.Linear(n_in, n_out, key=k1, dtype=jnp.float32)
+        self.gate = eqx.nn.Linear(1, n_out, key=k2, dtype=jnp.float32)
+        self.bias = eqx.nn.Linear(1, n_out, use_bias=False, key=k3, dtype=jnp.float32)
+
+    def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
+        tt = jnp.reshape(t, (1,))
+        return self.linear(x) * jax.nn.sigmoid(self.gate(tt)) + self.bias(tt)
+
+
+class CNF(eqx.Module):
+    """d(x, delta log p)/dt = (f(t, x), -tr df/dx) on a batch `x[b, 2]`, the trace
+    exact (reverse mode over the rows of the identity, as in diffrax's CNF
+    example)."""
+
+    layers: list[ConcatSquash]
+
+    def __init__(self, sizes: tuple[int, ...], key: jax.Array):
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [
+            ConcatSquash(a, b, k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)
+        ]
+
+    def f(self, t: jax.Array, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = jnp.tanh(layer(t, x))
+        return self.layers[-1](t, x)
+
+    def __call__(self, t, y):
+        x, _ = y
+        t = jnp.asarray(t, jnp.float32)
+
+        def one(xi):
+            dx, vjp = jax.vjp(lambda u: self.f(t, u), xi)
+            (jac,) = jax.vmap(vjp)(jnp.eye(xi.shape[0], dtype=xi.dtype))
+            return dx, -jnp.trace(jac)
+
+        return jax.vmap(one)(x)
+
+
+def _cnf_loss(model, y0, solver, adjoint, work):
+    z, delta_logp = work.solve(diffrax.ODETerm(_call_model), solver, adjoint, y0, model)
+    log_normal = -0.5 * jnp.sum(z**2, -1) - jnp.log(2 * jnp.pi)
+    return -jnp.mean(log_normal - delta_logp)
+
+
+def cnf(base: diffrax.AbstractSolver, quick: bool) -> Workload:
+    batch, width = (64, 16) if quick else (1000, 128)
+    model = CNF((2, width, width, width, 2), jax.random.PRNGKey(0))
+    x0 = jnp.asarray(two_moons(batch))
+    return Workload(
+        f"CNF {type(base).__name__}",
+        f"two-moons CNF, batch {batch} inside the state, concat-squash MLP "
+        f"2-{width}-{width}-{width}-2, tanh, exact trace, {type(base).__name__}, "
+        "float32",
+        model,
+        (x0, jnp.zeros(batch, jnp.float32)),
+        base,
+        10 if quick else 100,
+        jnp.float32,
+        _cnf_loss,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Neural CDE
+
+
+class CDE(eqx.Module):
+    """z0 = initial(X(0)), dz = f(z) dX, logit = readout(z(1))."""
+
+    initial: eqx.nn.Linear
+    field: eqx.nn.MLP
+    readout: eqx.nn.Linear
+    hidden: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __init__(self, channels: int, hidden: int, width: int, depth: int, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.initial = eqx.nn.Linear(channels, hidden, key=k1)
+        self.field = eqx.nn.MLP(
+            hidden,
+            hidden * channels,
+            width,
+            depth,
+            activation=jax.nn.softplus,
+            final_activation=jnp.tanh,
+            key=k2,
+        )
+        self.readout = eqx.nn.Linear(hidden, 1, key=k3)
+        self.hidden, self.channels = hidden, channels
+
+
+def _cde_field(t, z, model):
+    return model.field(z).reshape(model.hidden, model.channels)
+
+
+def _cde_loss(model, data, solver, adjoint, work):
+    ts, values, labels = data
+
+    def logit(t, v):
+        control = diffrax.CubicInterpolation(
+            t, diffrax.backward_hermite_coefficients(t, v)
+        )
+        z0 = model.initial(control.evaluate(t[0]))
+        term = diffrax.ControlTerm(_cde_field, control)
+        return model.readout(work.solve(term, solver, adjoint, z0, model))[0]
+
+    logits = jax.vmap(logit)(ts, values)
+    return -jnp.mean(
+        labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits)
+    )
+
+
+def neural_cde(quick: bool) -> Workload:
+    batch, num_obs = (4, 12) if quick else (32, 48)
+    hidden, width, depth = (8, 8, 2) if quick else (32, 32, 4)
+    return Workload(
+        "CDE",
+        f"neural CDE, hidden {hidden}, MLP width {width} depth {depth}, cubic "
+        f"interpolation of 3-channel spirals ({num_obs} observations), batch "
+        f"{batch} by vmap, Heun, float64",
+        CDE(3, hidden, width, depth, jax.random.PRNGKey(0)),
+        make_spirals(jax.random.PRNGKey(1), batch, num_obs),
+        diffrax.Heun(),
+        50 if quick else 1000,
+        jnp.float64,
+        _cde_loss,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Neural PDE
+
+
+class ReactionDiffusion(eqx.Module):
+    """du/dt = diffusion * Laplacian(u) + g(u), g a 3x3 conv net 1-c-1 (tanh), on a
+    periodic grid, the Laplacian the 5-point stencil in grid units."""
+
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+    diffusion: float = eqx.field(static=True)
+
+    def __init__(self, channels: int, key: jax.Array, diffusion: float = 0.5):
+        k1, k2 = jax.random.split(key)
+        kw = dict(kernel_size=3, padding=0, dtype=jnp.float32)
+        self.conv1 = eqx.nn.Conv2d(1, channels, key=k1, **kw)
+        self.conv2 = eqx.nn.Conv2d(channels, 1, key=k2, **kw)
+        self.diffusion = diffusion
+
+    def __call__(self, t, u):
+        del t
+        lap = (
+            jnp.roll(u, 1, 0)
+            + jnp.roll(u, -1, 0)
+            + jnp.roll(u, 1, 1)
+            + jnp.roll(u, -1, 1)
+            - 4 * u
+        )
+
+        def wrap(x):
+            return jnp.pad(x, ((0, 0), (1, 1), (1, 1)), mode="wrap")
+
+        h = jnp.tanh(self.conv1(wrap(u[None])))
+        return self.diffusion * lap + self.conv2(wrap(h))[0]
+
+
+def neural_pde(quick: bool) -> Workload:
+    n, channels = (16, 2) if quick else (64, 4)
+    x = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    u0 = np.sin(x)[:, None] * np.cos(2 * x)[None, :] + 0.1 * np.random.default_rng(
+        0
+    ).standard_normal((n, n))
+    return Workload(
+        "PDE",
+        f"neural reaction-diffusion PDE on a periodic {n}x{n} grid, 3x3 conv net "
+        f"1-{channels}-1, Midpoint, float32",
+        ReactionDiffusion(channels, jax.random.PRNGKey(0)),
+        jnp.asarray(u0, jnp.float32),
+        diffrax.Midpoint(),
+        100 if quick else 2000,
+        jnp.float32,
+        _mean_square_loss,
+    )
+
+
+def workloads(quick: bool) -> dict[str, Callable[[], Workload]]:
+    """Name -> constructor of every workload, in the order of the report (the cheap
+    ones first)."""
+    return {
+        "white dwarf": lambda: white_dwarf(quick),
+        "64x16": lambda: mlp_64x16(quick),
+        "CDE": lambda: neural_cde(quick),
+        "PDE": lambda: neural_pde(quick),
+        "CNF Midpoint": lambda: cnf(diffrax.Midpoint(), quick),
+        "CNF RK4": lambda: cnf(RK4(), quick),
+        "CNF Dopri5": lambda: cnf(diffrax.Dopri5(), quick),
+    }
