@@ -234,7 +234,7 @@ def plot_density(
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2).astype(np.float32)
     for i, (base, params) in enumerate(runs.items()):
         flow = eqx.combine(params, static)
-        solver = make_solver(base, coupling=cfg.coupling)
+        solver = make_solver(base, coupling=cfg.coupling, **_integrated(cfg))
         logp = jax.jit(
             lambda x: push_forward(
                 flow, x, solver, diffrax.RecursiveCheckpointAdjoint(), cfg.steps
@@ -272,7 +272,12 @@ def write_markdown(result: dict) -> str:
         f"{cfg['batch']} per iteration.",
         f"Model: {cfg['layers']} concat-squash layers 2-{cfg['width']}-...-2, tanh "
         f"(published width 128); {cfg['trace']} trace; state `(x, logp)`, the "
-        "log-density an integrated component (computed from x only).",
+        "log-density computed from x only"
+        + (
+            ", declared integrated (`integrated=(False, True)`)."
+            if cfg.get("integrated")
+            else " (coupled like x: run without `--integrated`)."
+        ),
         f"Solve: N = {cfg['steps']} fixed steps (h = {1 / cfg['steps']:g}) on [0, 1], "
         f"`Reversible(base, {cfg['coupling']})` for every adjoint; "
         f"`optax.adamw({cfg['lr']:g})`; float32; seed {cfg['seed']}. Published: "
@@ -294,6 +299,11 @@ def write_markdown(result: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _integrated(cfg) -> dict:
+    """`Reversible`'s keyword for `--integrated`."""
+    return {"integrated": (False, True)} if getattr(cfg, "integrated", False) else {}
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.cnf", description=__doc__.splitlines()[0]
@@ -309,6 +319,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", choices=("exact", "hutchinson"), default="exact")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--coupling", type=float, default=0.999)
+    p.add_argument(
+        "--integrated",
+        action="store_true",
+        help="declare the log-density integrated: `Reversible(..., integrated=(False, "
+        "True))`, one trace evaluation per step instead of two",
+    )
     p.add_argument("--grid", type=int, default=None, help="density plot resolution")
     at.add_common_flags(p, "cnf")
     return p
@@ -347,6 +363,7 @@ CONFIG_KEYS = (
     "trace",
     "lr",
     "coupling",
+    "integrated",
     "seed",
     "max_run_mib",
 )
@@ -363,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = at.settings_from_args(args, args.steps)
     tables, trained = {}, {}
     for base in args.solvers:
-        solver = make_solver(base, coupling=args.coupling)
+        solver = make_solver(base, coupling=args.coupling, **_integrated(args))
         tables[base], params_by_label = at.compare_adjoints(
             make_step_factory(static, optim, solver, args),
             specs,

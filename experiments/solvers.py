@@ -60,14 +60,17 @@ SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
 
 
 def make_solver(
-    name: str, *, reversible: bool = True, coupling: float = 0.999
+    name: str, *, reversible: bool = True, coupling: float = 0.999, **kwargs
 ) -> diffrax.AbstractSolver:
-    """The base solver `name`, wrapped in `revdiffrax.Reversible` if `reversible`."""
+    """The base solver `name`, wrapped in `revdiffrax.Reversible` if `reversible`
+    (`kwargs`, e.g. `integrated`, go to `Reversible`)."""
     key = name.lower()
     if key not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}; choose one of {sorted(SOLVERS)}.")
     base = SOLVERS[key]()
-    return revdiffrax.Reversible(base, coupling=coupling) if reversible else base
+    if not reversible:
+        return base
+    return revdiffrax.Reversible(base, coupling=coupling, **kwargs)
 
 
 def make_adjoint(name: str, checkpoints: int | None = None) -> diffrax.AbstractAdjoint:

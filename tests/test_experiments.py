@@ -325,7 +325,9 @@ def _check_adjoint_table(result, out_dir, name, plots):
 def test_cnf_quick(tmp_path):
     from experiments import cnf
 
-    result = cnf.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    result = cnf.main(
+        ["--quick", "--out", str(tmp_path), "--no-progress", "--integrated"]
+    )
     plots = ["cnf_density.png", "cnf_cost.png", "cnf_loss.png"]
     _check_adjoint_table(result, tmp_path, "cnf", plots)
     (rev, _) = result["tables"]["midpoint"]
