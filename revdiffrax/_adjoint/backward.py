@@ -60,7 +60,9 @@ class _Backward(eqx.Module):
             )
         made_jump = jnp.where(m == 0, self.made_jump0, False)
         dense_cotangent = self.dense_cotangent(carry, m)
-        y0, state0, bars, aux = self.solver.backward_step_pullback(
+        # A multistep solver also needs the start of the step before (t_0 first).
+        solver = self.solver.at_previous_time(times[jnp.maximum(m - 1, 0)])
+        y0, state0, bars, aux = solver.backward_step_pullback(
             inputs.terms,
             times[m],
             times[n],

@@ -41,6 +41,11 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     backpropagate in O(1) memory: states are rebuilt on the backward pass instead of
     being stored on the forward pass.
 
+    A multistep method also needs the time of the step before the one it undoes,
+    which an O(1) state cannot remember on an arbitrary grid: it receives it through
+    `at_previous_time`, as in `solver.at_previous_time(t_prev).backward_step(...)`,
+    and its `backward_step` raises without it.
+
     Subclasses declare what the adjoint may rely on with two class variables,
     `reversible_on_any_grid` and `reversible_across_jumps`, and may override
     `backward_step_vjp` (or `backward_step_pullback`, which the adjoint calls) to
@@ -48,13 +53,26 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     hold less memory.
     """
 
-    # Whether `backward_step` is exact for any sequence of step times. A multistep
-    # method needs the time before the step, which an O(1) state cannot remember: it
-    # can then only be reversed on the uniform grid of `diffrax.ConstantStepSize`.
+    # Whether `backward_step` is exact for any sequence of step times (given the
+    # time before the step through `at_previous_time`, for a multistep method). If
+    # not, `ReversibleAdjoint` only reverses it under `diffrax.ConstantStepSize`.
     reversible_on_any_grid: ClassVar[bool] = True
     # Whether `backward_step` also undoes a step made with `made_jump=True` after a
     # jump requested by `jump_ts` (the state a jump discards cannot be rebuilt).
     reversible_across_jumps: ClassVar[bool] = False
+
+    def at_previous_time(
+        self, t_prev: RealScalarLike
+    ) -> "AbstractReversibleSolver[_SolverState]":
+        """The solver that undoes a step from `t0` to `t1` knowing `t_prev`, the start
+        of the step before (`t_prev == t0` for the first step of a solve).
+
+        One-step methods do not need it and return `self` (the default). A multistep
+        method returns a copy that holds `t_prev` for its `backward_step`.
+        [`revdiffrax.ReversibleAdjoint`][] calls this before every backward step.
+        """
+        del t_prev
+        return self
 
     @abc.abstractmethod
     def backward_step(
