@@ -18,7 +18,7 @@ from .checkpoints import (
     num_checkpoints,
     outer_loop,
 )
-from .saveat import replace_ts
+from .saveat import replace_fns, replace_ts
 from .step_times import needs_recording
 
 
@@ -37,6 +37,11 @@ class DiffInputs(eqx.Module):
     # Only differentiable: the loop uses a stop-gradiented copy, and the cotangent
     # comes from the dependence of the step times on it (`StepTimes`).
     dt0: Any
+    # The `fn` of each `SubSaveAt`, closure-converted: what they close over (e.g. a
+    # parameter of a learned observation function) receives cotangents.
+    fns: list
+    # A `solver_state` passed to `diffeqsolve` (else None: made by `solver.init`).
+    solver_state0: PyTree = None
 
 
 class Residuals(eqx.Module):
@@ -90,9 +95,13 @@ def forward(
 ) -> tuple[tuple[Any, Any], Residuals]:
     """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
     residuals of the backward pass."""
-    saveat = replace_ts(saveat, inputs.ts)
+    saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
+    if inputs.solver_state0 is not None:
+        init_state = eqx.tree_at(
+            lambda s: s.solver_state, init_state, inputs.solver_state0
+        )
     record = needs_recording(loop_kwargs["stepsize_controller"])
     if record:
         init_state = _with_step_time_recording(init_state, max_steps)
