@@ -20,6 +20,7 @@ from .cotangents import (
 )
 from .drift import relative_drift, report_drift
 from .forward import DiffInputs, Residuals
+from .jumps import jump_at
 from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import clip_floor, controller_kind, StepTimes
 
@@ -60,26 +61,12 @@ class _Backward(eqx.Module):
             y1, state1, drift = restore_checkpoint(
                 n, times.num_steps, y1, state1, drift, every, checkpoints
             )
-        made_jump = jnp.where(m == 0, self.made_jump0, False)
-        dense_cotangent = self.dense_cotangent(carry, m)
-        # A multistep solver also needs the start of the step before (t_0 first).
-        solver = self.solver.at_previous_time(times[jnp.maximum(m - 1, 0)])
-        if stand_in is not None:
-            solver = stand_in
-        y0, state0, bars, aux = solver.backward_step_pullback(
-            inputs.terms,
-            times[m],
-            times[n],
-            y1,
-            inputs.args,
-            state1,
-            made_jump,
-            (carry.y_bar, carry.solver_state_bar, carry.grads.params),
-            dense_cotangent,
-            diff_times=self.diff_times,
+        carry = eqx.tree_at(
+            lambda c: (c.y, c.solver_state, c.drift), carry, (y1, state1, drift)
         )
+        y0, state0, bars, aux, drift = self.pull_back_step(carry, stand_in)
         y0_bar, state0_bar, params_bar, times_bar = bars
-        if dense_cotangent is None:
+        if aux is None:
             ts_left, grads = carry.ts_left, carry.grads.with_params(params_bar)
         else:
             ts_left, grads, args_bar = aux
@@ -100,6 +87,47 @@ class _Backward(eqx.Module):
             ts_left=ts_left,
             drift=drift,
         )
+
+    def pull_back_step(self, carry: _Carry, stand_in: KnownStart | None):
+        """`backward_step_pullback` of step m = n - 1 (from the start stored before
+        it, if it followed a jump that `jumps.py` handles). Returns its
+        `(y0, state0, bars, aux)` and the drift."""
+        inputs, times = self.inputs, self.times
+        m = carry.n - 1
+        made_jump = jnp.where(m == 0, self.made_jump0, False)
+        # A multistep solver also needs the start of the step before (t_0 first).
+        solver = self.solver.at_previous_time(times[jnp.maximum(m - 1, 0)])
+        if stand_in is not None:
+            solver = stand_in
+        dense_cotangent = self.dense_cotangent(carry, m)
+        cotangents = (carry.y_bar, carry.solver_state_bar, carry.grads.params)
+
+        def pull_back(solver_, made_jump_):
+            y0, state0, bars, aux = solver_.backward_step_pullback(
+                inputs.terms, times[m], times.end(m), carry.y, inputs.args,
+                carry.solver_state, made_jump_, cotangents, dense_cotangent,
+                diff_times=self.diff_times,
+            )  # fmt: skip
+            y0_bar, state0_bar, params_bar, times_bar = bars
+            y0_bar, state0_bar = materialise((y0_bar, state0_bar), (y0, state0))
+            return y0, state0, (y0_bar, state0_bar, params_bar, times_bar), aux
+
+        jumps = self.residuals.jumps
+        if jumps is None or jumps.states is None:
+            return *pull_back(solver, made_jump), carry.drift
+        is_jump, (y_j, state_j) = jump_at(jumps, m, (carry.y, carry.solver_state))
+
+        def after_jump(_):
+            y1, _, _, _, _ = self.solver.step(
+                inputs.terms, times[m], times.end(m), y_j, inputs.args, state_j, True
+            )
+            drift = jnp.maximum(carry.drift, relative_drift(carry.y, y1))
+            return *pull_back(KnownStart(self.solver, y_j, state_j), True), drift
+
+        def otherwise(_):
+            return *pull_back(solver, made_jump), carry.drift
+
+        return lax.cond(is_jump, after_jump, otherwise, None)
 
     def dense_cotangent(self, carry: _Carry, m: Int[Array, ""]):
         """For `backward_step_pullback`: `None` without `SaveAt(ts)`, else the
@@ -200,6 +228,7 @@ def _run(bwd: _Backward, solver_state_bar: PyTree) -> _Carry:
 
 
 def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTimes:
+    jumps = residuals.jumps
     return StepTimes(
         t0=inputs.t0,
         t1=inputs.t1,
@@ -209,6 +238,8 @@ def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTim
         num_steps=residuals.num_steps,
         kind=controller_kind(controller),
         stepto_ts=getattr(controller, "ts", None),
+        jump_end_steps=None if jumps is None else jumps.end_steps,
+        jump_ends=None if jumps is None else jumps.ends,
     )
 
 

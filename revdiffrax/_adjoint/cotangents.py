@@ -257,7 +257,7 @@ def _ts_in_step(
     them, latest first. Returns the cotangents of the dense information, `args`,
     t_m, t_{m+1}, `ts` and `sub.fn`."""
     t_a = times[m]
-    t_b = times[m + 1]
+    t_b = times.end(m)
     ts = sub.ts
     offset = 1 if sub.t0 else 0
 

@@ -13,11 +13,13 @@ from diffrax._integrate import SaveState
 from jaxtyping import Array, Float, Int, PyTree
 
 from .checkpoints import (
-    checkpointing_outer_loop,
     empty_checkpoints,
     num_checkpoints,
     outer_loop,
+    recording_outer_loop,
+    write_checkpoint,
 )
+from .jumps import empty_jump_records, JumpRecords, record_jump
 from .saveat import replace_fns, replace_ts
 from .step_times import needs_recording
 
@@ -54,6 +56,7 @@ class Residuals(eqx.Module):
     step_times: Float[Array, " max_steps"] | None
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
+    jumps: JumpRecords | None  # the solver states discarded by jumps (`jumps.py`)
 
 
 def _record_nothing(t, y, args):
@@ -83,6 +86,54 @@ def _with_step_time_recording(init_state, max_steps: int):
     )
 
 
+def count_jumps(stepsize_controller) -> int:
+    """The number of jumps requested by `jump_ts`."""
+    jump_ts = getattr(stepsize_controller, "jump_ts", None)
+    return 0 if jump_ts is None else len(jump_ts)
+
+
+def _outer_loop(
+    init_state,
+    *,
+    every: int | None,
+    max_steps: int,
+    num_jumps: int,
+    jump_states: bool,
+    out: dict,
+):
+    """diffrax's outer loop, recording checkpoints (every `every` accepted steps)
+    and the solver states discarded by jumps, into `out`."""
+    recorders, names = [], []
+    count = num_checkpoints(every, max_steps)
+    if count > 0 and every is not None:
+        template = (init_state.y, init_state.solver_state)
+        names.append("checkpoints")
+        recorders.append(
+            (
+                empty_checkpoints(template, count),
+                ft.partial(write_checkpoint, every=every),
+            )
+        )
+    if num_jumps > 0:
+        names.append("jumps")
+        template = (init_state.y, init_state.solver_state)
+        time_dtype = jnp.result_type(init_state.tnext)
+        jump_records = empty_jump_records(template, num_jumps, jump_states, time_dtype)
+        recorders.append((jump_records, record_jump))
+    if not recorders:
+        return ft.partial(outer_loop, kind="lax")
+    records: list = []
+
+    def loop(*args, **kwargs):
+        final_state = recording_outer_loop(
+            *args, recorders=recorders, out=records, **kwargs
+        )
+        out.update(zip(names, records))
+        return final_state
+
+    return loop
+
+
 def forward(
     inputs: DiffInputs,
     *,
@@ -108,19 +159,17 @@ def forward(
         saveat = diffrax.SaveAt(
             subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
         )
-    count = num_checkpoints(adjoint.checkpoint_every, max_steps)
-    out = []
-    if with_checkpoints and count > 0:
-        outer_while_loop = ft.partial(
-            checkpointing_outer_loop,
-            every=adjoint.checkpoint_every,
-            checkpoints=empty_checkpoints(
-                (init_state.y, init_state.solver_state), count
-            ),
-            out=out,
-        )
-    else:
-        outer_while_loop = ft.partial(outer_loop, kind="lax")
+    out = {}
+    outer_while_loop = _outer_loop(
+        init_state,
+        every=adjoint.checkpoint_every if with_checkpoints else None,
+        max_steps=max_steps,
+        num_jumps=count_jumps(loop_kwargs["stepsize_controller"])
+        if with_checkpoints
+        else 0,
+        jump_states=not loop_kwargs["solver"].reversible_across_jumps,
+        out=out,
+    )
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
         terms=inputs.terms,
@@ -145,6 +194,7 @@ def forward(
         solver_state=final_state.solver_state,
         step_times=step_times,
         num_steps=final_state.num_accepted_steps,
-        checkpoints=out[0] if out else None,
+        checkpoints=out.get("checkpoints"),
+        jumps=out.get("jumps"),
     )
     return (final_state, aux_stats), residuals

@@ -58,7 +58,10 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     # not, `ReversibleAdjoint` only reverses it under `diffrax.ConstantStepSize`.
     reversible_on_any_grid: ClassVar[bool] = True
     # Whether `backward_step` also undoes a step made with `made_jump=True` after a
-    # jump requested by `jump_ts` (the state a jump discards cannot be rebuilt).
+    # jump requested by `jump_ts`. If not (e.g. the step restarts part of the state
+    # from y, which discards the old state and makes the step implicit in y),
+    # `ReversibleAdjoint` stores the start of each step after a jump (at most
+    # `len(jump_ts)`) and pulls that step back from it.
     reversible_across_jumps: ClassVar[bool] = False
 
     def at_previous_time(
