@@ -62,7 +62,10 @@ class _Backward(eqx.Module):
                 n, times.num_steps, y1, state1, drift, every, checkpoints
             )
         carry = eqx.tree_at(
-            lambda c: (c.y, c.solver_state, c.drift), carry, (y1, state1, drift)
+            lambda c: (c.y, c.solver_state, c.drift),
+            carry,
+            (y1, state1, drift),
+            is_leaf=lambda x: x is None,  # e.g. `SemiImplicitEuler`'s state
         )
         y0, state0, bars, aux, drift = self.pull_back_step(carry, stand_in)
         y0_bar, state0_bar, params_bar, times_bar = bars
