@@ -78,7 +78,7 @@ REVERSIBLE_SOLVERS: dict[str, revdiffrax.Reversible] = {
     for name, base in ERK_BASES.items()
 }
 
-# The reversible multistep solvers (constant steps only).
+# The reversible multistep solvers (no error estimate: fixed steps only).
 MULTISTEP_SOLVERS: dict[str, diffrax.AbstractSolver] = {
     "ReversibleHeun": revdiffrax.ReversibleHeun(),
     "LeapfrogMidpoint": revdiffrax.LeapfrogMidpoint(),

@@ -561,10 +561,14 @@ def test_errors_name_the_fix():
         _solve(event=diffrax.Event(lambda t, y, args, **kw: t > 0.5))
     with pytest.raises(NotImplementedError, match="SaveAt\\(ts=...\\)"):
         _solve(saveat=diffrax.SaveAt(dense=True))
+
+    class UniformGridOnly(revdiffrax.ReversibleHeun):
+        reversible_on_any_grid = False
+
     with pytest.raises(ValueError, match="ConstantStepSize"):
         diffrax.diffeqsolve(
             diffrax.ODETerm(vf),
-            revdiffrax.LeapfrogMidpoint(),
+            UniformGridOnly(),
             0.0,
             1.0,
             None,

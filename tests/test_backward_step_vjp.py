@@ -86,5 +86,6 @@ def test_fused_equals_generic_equals_step_vjp(base, diff_times):
 def test_capabilities_are_declared():
     assert revdiffrax.Reversible(diffrax.Euler()).reversible_across_jumps
     assert not revdiffrax.ReversibleHeun().reversible_across_jumps
-    assert not revdiffrax.LeapfrogMidpoint().reversible_on_any_grid
+    assert revdiffrax.LeapfrogMidpoint().reversible_on_any_grid
+    assert revdiffrax.LeapfrogMidpoint().reversible_across_jumps
     assert revdiffrax.AsynchronousLeapfrog().reversible_on_any_grid

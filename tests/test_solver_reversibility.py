@@ -76,7 +76,9 @@ def _roundtrip(solver, terms, y0, grids, args=None):
 
         def bwd(carry, i):
             y, s = carry
-            y0_, dense, s0, result = solver.backward_step(
+            # The start of the previous step, for multistep solvers (t_0 at first).
+            t_prev = ts[jnp.maximum(i - 1, 0)]
+            y0_, dense, s0, result = solver.at_previous_time(t_prev).backward_step(
                 terms, ts[i], ts[i + 1], y, args, s, False
             )
             return (y0_, s0), (y0_, s0, dense, result)
@@ -187,11 +189,27 @@ def test_reversible_heun():
     _check_roundtrip(revdiffrax.ReversibleHeun(), diffrax.ODETerm(_vf), _y0(), grids)
 
 
-def test_leapfrog_midpoint_uniform():
-    # Uniform grid only: backward_step assumes t_{n-1} = 2 t_n - t_{n+1}.
-    _check_roundtrip(
-        revdiffrax.LeapfrogMidpoint(), diffrax.ODETerm(_vf), _y0(), [_uniform_ts()]
-    )
+def _constant_ts(dt0=0.07):
+    # `ConstantStepSize` with a `dt0` that does not divide `T1 - T0`: a first step of
+    # dt0, then the rest of the interval split uniformly (as diffrax 0.7.2 does).
+    num = int(np.ceil((T1 - T0) / dt0))
+    rest = T0 + dt0 + (T1 - T0 - dt0) * np.arange(num) / (num - 1)
+    return jnp.asarray(np.concatenate([[T0], rest]))
+
+
+def test_leapfrog_midpoint_any_grid():
+    # backward_step takes t_{n-1} from `at_previous_time`, so any grid reverses.
+    grids = [g() for g in GRIDS.values()] + [_random_ts(seed=1), _constant_ts()]
+    _check_roundtrip(revdiffrax.LeapfrogMidpoint(), diffrax.ODETerm(_vf), _y0(), grids)
+
+
+def test_leapfrog_midpoint_needs_previous_time():
+    solver = revdiffrax.LeapfrogMidpoint()
+    term = diffrax.ODETerm(_vf)
+    state = solver.init(term, T0, T1, _y0(), None)
+    y1, _, _, state1, _ = solver.step(term, T0, 0.1, _y0(), None, state, False)
+    with pytest.raises(ValueError, match=r"at_previous_time\(t_prev\)"):
+        solver.backward_step(term, 0.1, 0.3, y1, None, state1, False)
 
 
 def _sie_terms():

@@ -14,9 +14,14 @@ from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivate
 from .._varying import make_varying, varying_axes
 from .checks import check_inputs
 from .closure import convert_saveat, convert_terms
+from .continued import check_controller_state
 from .forward import DiffInputs
-from .saveat import replace_ts, saveat_ts
+from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
 
 
 def _stop_gradient(tree: Any) -> Any:
@@ -132,7 +137,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        del throw, passed_solver_state, passed_controller_state
+        del throw
+        check_controller_state(stepsize_controller, passed_controller_state)
         check_inputs(
             solver=solver,
             terms=terms,
@@ -150,15 +156,30 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         axes = varying_axes((init_state, args, terms, saveat, stepsize_controller))
         diff = (init_state.y, args, terms, saveat, t0, t1, dt0)
         y0, args, terms, saveat, t0, t1, dt0 = make_varying(diff, axes)
-        terms = convert_terms(terms, t0, y0, args)
+        terms = convert_terms(terms, solver, t0, init_state.tnext, y0, args)
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
-        inputs = DiffInputs(y0=y0, args=args, terms=terms, t0=t0, t1=t1, ts=ts, dt0=dt0)
+        fns = saveat_fns(saveat)
+        # A passed solver state is an input (`continued.py`); one made by
+        # `solver.init` is re-traced on the backward pass.
+        solver_state0 = init_state.solver_state if passed_solver_state else None
+        inputs = DiffInputs(
+            y0=y0,
+            args=args,
+            terms=terms,
+            t0=t0,
+            t1=t1,
+            ts=ts,
+            dt0=dt0,
+            fns=fns,
+            solver_state0=solver_state0,
+        )
         inputs = make_varying(inputs, axes)  # e.g. the closed-over constants
         # Everything the loop depends on other than `inputs` is a constant; the
         # dependence of the initial solver state on (y0, args, terms, t0) is re-traced
         # on the backward pass through `solver.init`, and the differentiable copies of
-        # `dt0` and `SaveAt.ts` travel in `inputs`.
+        # `dt0` and `SaveAt.ts` travel in `inputs`. A passed controller state gets no
+        # cotangent (`continued.py`).
         init_state = _stop_gradient(eqx.tree_at(lambda s: s.y, init_state, object()))
         final_state, aux_stats = loop_reversible(
             inputs,
@@ -166,13 +187,25 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             solver=solver,
             stepsize_controller=_stop_gradient(stepsize_controller),
             event=event,
-            saveat=replace_ts(saveat, [lax.stop_gradient(x) for x in ts]),
+            saveat=replace_fns(
+                replace_ts(saveat, [lax.stop_gradient(x) for x in ts]),
+                _stop_gradient(fns),
+            ),
             dt0=None if dt0 is None else lax.stop_gradient(dt0),
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
         )
-        return _only_transpose_ys(final_state), aux_stats
+        # Outputs are differentiable through `ys` and, for continuing a solve, the
+        # final solver state (`SaveAt(solver_state=True)`); the backward pass starts
+        # from their cotangents.
+        out = eqx.tree_at(
+            lambda s: s.solver_state,
+            _only_transpose_ys(final_state),
+            final_state.solver_state,
+            is_leaf=_is_none,
+        )
+        return out, aux_stats
 
 
 ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**

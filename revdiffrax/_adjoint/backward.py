@@ -2,6 +2,7 @@
 pulling the cotangents back through each step as it is rebuilt."""
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree
@@ -14,6 +15,7 @@ from .._varying import (
     varying_while_loop,
 )
 from .checkpoints import restore_checkpoint
+from .continued import KnownStart
 from .cotangents import (
     add,
     InputCotangents,
@@ -24,7 +26,8 @@ from .cotangents import (
 )
 from .drift import relative_drift, report_drift
 from .forward import DiffInputs, Residuals
-from .saveat import replace_ts, subsaveats
+from .jumps import jump_at
+from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import clip_floor, controller_kind, StepTimes
 
 
@@ -53,8 +56,9 @@ class _Backward(eqx.Module):
     checkpoint_every: int | None = eqx.field(static=True)
     diff_times: bool = eqx.field(static=True)
 
-    def reverse_step(self, carry: _Carry) -> _Carry:
-        """Undo step m = n - 1 and pull the cotangents back through it."""
+    def reverse_step(self, carry: _Carry, stand_in: KnownStart | None = None) -> _Carry:
+        """Undo step m = n - 1 and pull the cotangents back through it (with
+        `stand_in` in place of the solver, on the first step of a continued solve)."""
         inputs, times = self.inputs, self.times
         n, m = carry.n, carry.n - 1
         y1, state1, drift = carry.y, carry.solver_state, carry.drift
@@ -63,22 +67,15 @@ class _Backward(eqx.Module):
             y1, state1, drift = restore_checkpoint(
                 n, times.num_steps, y1, state1, drift, every, checkpoints
             )
-        made_jump = jnp.where(m == 0, self.made_jump0, False)
-        dense_cotangent = self.dense_cotangent(carry, m)
-        y0, state0, bars, aux = self.solver.backward_step_pullback(
-            inputs.terms,
-            times[m],
-            times[n],
-            y1,
-            inputs.args,
-            state1,
-            made_jump,
-            (carry.y_bar, carry.solver_state_bar, carry.grads.params),
-            dense_cotangent,
-            diff_times=self.diff_times,
+        carry = eqx.tree_at(
+            lambda c: (c.y, c.solver_state, c.drift),
+            carry,
+            (y1, state1, drift),
+            is_leaf=lambda x: x is None,  # e.g. `SemiImplicitEuler`'s state
         )
+        y0, state0, bars, aux, drift = self.pull_back_step(carry, stand_in)
         y0_bar, state0_bar, params_bar, times_bar = bars
-        if dense_cotangent is None:
+        if aux is None:
             ts_left, grads = carry.ts_left, carry.grads.with_params(params_bar)
         else:
             ts_left, grads, args_bar = aux
@@ -99,6 +96,47 @@ class _Backward(eqx.Module):
             ts_left=ts_left,
             drift=drift,
         )
+
+    def pull_back_step(self, carry: _Carry, stand_in: KnownStart | None):
+        """`backward_step_pullback` of step m = n - 1 (from the start stored before
+        it, if it followed a jump that `jumps.py` handles). Returns its
+        `(y0, state0, bars, aux)` and the drift."""
+        inputs, times = self.inputs, self.times
+        m = carry.n - 1
+        made_jump = jnp.where(m == 0, self.made_jump0, False)
+        # A multistep solver also needs the start of the step before (t_0 first).
+        solver = self.solver.at_previous_time(times[jnp.maximum(m - 1, 0)])
+        if stand_in is not None:
+            solver = stand_in
+        dense_cotangent = self.dense_cotangent(carry, m)
+        cotangents = (carry.y_bar, carry.solver_state_bar, carry.grads.params)
+
+        def pull_back(solver_, made_jump_):
+            y0, state0, bars, aux = solver_.backward_step_pullback(
+                inputs.terms, times[m], times.end(m), carry.y, inputs.args,
+                carry.solver_state, made_jump_, cotangents, dense_cotangent,
+                diff_times=self.diff_times,
+            )  # fmt: skip
+            y0_bar, state0_bar, params_bar, times_bar = bars
+            y0_bar, state0_bar = materialise((y0_bar, state0_bar), (y0, state0))
+            return y0, state0, (y0_bar, state0_bar, params_bar, times_bar), aux
+
+        jumps = self.residuals.jumps
+        if jumps is None or jumps.states is None:
+            return *pull_back(solver, made_jump), carry.drift
+        is_jump, (y_j, state_j) = jump_at(jumps, m, (carry.y, carry.solver_state))
+
+        def after_jump(_):
+            y1, _, _, _, _ = self.solver.step(
+                inputs.terms, times[m], times.end(m), y_j, inputs.args, state_j, True
+            )
+            drift = jnp.maximum(carry.drift, relative_drift(carry.y, y1))
+            return *pull_back(KnownStart(self.solver, y_j, state_j), True), drift
+
+        def otherwise(_):
+            return *pull_back(solver, made_jump), carry.drift
+
+        return lax.cond(is_jump, after_jump, otherwise, None)
 
     def dense_cotangent(self, carry: _Carry, m: Int[Array, ""]):
         """For `backward_step_pullback`: `None` without `SaveAt(ts)`, else the
@@ -122,10 +160,13 @@ class _Backward(eqx.Module):
 
         return dense_cotangent
 
-    def initial_carry(self) -> _Carry:
-        """Start from y_N, with the cotangents of the outputs saved at t_N."""
+    def initial_carry(self, solver_state_bar: PyTree) -> _Carry:
+        """Start from y_N, with the cotangents of the outputs saved at t_N and of the
+        final solver state (`SaveAt(solver_state=True)`)."""
         inputs, residuals = self.inputs, self.residuals
-        grads = InputCotangents.zeros((inputs.terms, inputs.args), inputs.t0, inputs.ts)
+        grads = InputCotangents.zeros(
+            (inputs.terms, inputs.args), inputs.t0, inputs.ts, inputs.fns
+        )
         y_bar, grads = self.outputs.at_final_step(
             self.times, residuals.y, inputs.args, zero_cotangent(residuals.y), grads
         )
@@ -134,11 +175,31 @@ class _Backward(eqx.Module):
             y=residuals.y,
             solver_state=residuals.solver_state,
             y_bar=y_bar,
-            solver_state_bar=zero_cotangent(residuals.solver_state),
+            solver_state_bar=materialise(solver_state_bar, residuals.solver_state),
             grads=grads,
             ts_left=[jnp.asarray(len(ts), dtype=jnp.int32) for ts in inputs.ts],
             drift=relative_drift(inputs.y0, inputs.y0),  # zero, of the right dtype
         )
+
+    def known_first_step(self, carry: _Carry, made_jump0) -> _Carry:
+        """Pull back the first step of a continued solve from its known start
+        (`KnownStart`), measuring the drift of the rebuilt y_1 against it."""
+        inputs, times = self.inputs, self.times
+        zero, one = jnp.asarray(0), jnp.asarray(1)
+        solver = self.solver.at_previous_time(times[zero])
+        y0, _, _, _ = solver.backward_step(
+            inputs.terms,
+            times[zero],
+            times[one],
+            carry.y,
+            inputs.args,
+            carry.solver_state,
+            made_jump0,
+        )
+        drift = jnp.maximum(carry.drift, relative_drift(y0, inputs.y0))
+        stand_in = KnownStart(self.solver, inputs.y0, inputs.solver_state0)
+        carry = self.reverse_step(carry, stand_in)
+        return eqx.tree_at(lambda c: c.drift, carry, drift)
 
     def pull_back_init(self, carry: _Carry, tnext) -> tuple[PyTree, InputCotangents]:
         """The initial solver state is a function of y0 (e.g. z_0 = y_0): pull its
@@ -160,6 +221,41 @@ class _Backward(eqx.Module):
         return add(carry.y_bar, y0_bar), grads
 
 
+def _run(bwd: _Backward, solver_state_bar: PyTree) -> _Carry:
+    """The backward loop, from step N down to step 0."""
+    continued = bwd.inputs.solver_state0 is not None
+    # A lambda, not the bound method: `lax.while_loop` hashes its body function.
+    carry = varying_while_loop(
+        lambda c: c.n > (1 if continued else 0),
+        lambda c: bwd.reverse_step(c),
+        bwd.initial_carry(solver_state_bar),
+    )
+    if continued:
+        carry = lax.cond(
+            carry.n > 0,
+            lambda c: bwd.known_first_step(c, bwd.made_jump0),
+            lambda c: c,
+            carry,
+        )
+    return carry
+
+
+def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTimes:
+    jumps = residuals.jumps
+    return StepTimes(
+        t0=inputs.t0,
+        t1=inputs.t1,
+        t1_floor=clip_floor(inputs.t1),
+        dt0=inputs.dt0,
+        recorded=residuals.step_times,
+        num_steps=residuals.num_steps,
+        kind=controller_kind(controller),
+        stepto_ts=getattr(controller, "ts", None),
+        jump_end_steps=None if jumps is None else jumps.end_steps,
+        jump_ends=None if jumps is None else jumps.ends,
+    )
+
+
 def backward(
     residuals: Residuals,
     grad_final_state,
@@ -173,7 +269,7 @@ def backward(
     init_state,
 ) -> DiffInputs:
     """The cotangents of the differentiable inputs, from those of the outputs."""
-    saveat = replace_ts(saveat, inputs.ts)
+    saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     # Inside `jax.shard_map` the inputs vary over the mesh (`ReversibleAdjoint.loop`
     # made them); what the backward pass combines with them does too, so that every
     # vector-Jacobian product below is taken per device, in the inputs' type.
@@ -181,16 +277,7 @@ def backward(
     residuals, grad_final_state, init_state = make_varying(
         (residuals, grad_final_state, init_state), axes
     )
-    times = StepTimes(
-        t0=inputs.t0,
-        t1=inputs.t1,
-        t1_floor=clip_floor(inputs.t1),
-        dt0=inputs.dt0,
-        recorded=residuals.step_times,
-        num_steps=residuals.num_steps,
-        kind=controller_kind(stepsize_controller),
-        stepto_ts=getattr(stepsize_controller, "ts", None),
-    )
+    times = _step_times(inputs, residuals, stepsize_controller)
     # Times are differentiated only when d/dt0, d/dt1, d/dts or d/d(dt0) is wanted.
     diff_times = any(
         jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.ts, perturbed.dt0))
@@ -208,15 +295,17 @@ def backward(
         checkpoint_every=adjoint.checkpoint_every,
         diff_times=diff_times,
     )
-    # A lambda, not the bound method: `lax.while_loop` hashes its body function.
-    carry = varying_while_loop(
-        lambda c: c.n > 0, lambda c: bwd.reverse_step(c), bwd.initial_carry()
-    )
+    final_bar = None if grad_final_state is None else grad_final_state.solver_state
+    carry = _run(bwd, final_bar)
     y_bar, grads = bwd.outputs.at_start(
         times, inputs.y0, inputs.args, carry.ts_left, carry.y_bar, carry.grads
     )
-    carry = eqx.tree_at(lambda c: (c.y_bar, c.grads), carry, (y_bar, grads))
-    y_bar, grads = bwd.pull_back_init(carry, init_state.tnext)
+    solver_state0_bar = None
+    if inputs.solver_state0 is None:
+        carry = eqx.tree_at(lambda c: (c.y_bar, c.grads), carry, (y_bar, grads))
+        y_bar, grads = bwd.pull_back_init(carry, init_state.tnext)
+    else:
+        solver_state0_bar = carry.solver_state_bar
     drift = jnp.maximum(carry.drift, relative_drift(carry.y, inputs.y0))
     terms_bar, args_bar = grads.params
     dt0_bar = None
@@ -230,5 +319,7 @@ def backward(
         t1=grads.t1,
         ts=grads.ts,
         dt0=dt0_bar,
+        fns=grads.fns,
+        solver_state0=solver_state0_bar,
     )
     return report_drift(cotangents, drift, adjoint.drift_tol, adjoint.drift_callback)

@@ -38,49 +38,57 @@ def empty_checkpoints(template: PyTree, count: int) -> PyTree[Array]:
     return jtu.tree_map(lambda x: jnp.zeros((count,) + x.shape, x.dtype), template)
 
 
-def checkpointing_outer_loop(
+def write_checkpoint(state, new_state, ckpts: PyTree[Array], *, every: int):
+    """After one iteration of diffrax's loop (`state` -> `new_state`): write a
+    checkpoint if it accepted step `every`, `2 every`, ..."""
+    n = new_state.num_accepted_steps
+    # Rejected steps leave `num_accepted_steps` unchanged, so each checkpoint is
+    # written once, by the step that reaches it.
+    pred = (n > state.num_accepted_steps) & (n % every == 0)
+    current = eqx.filter((new_state.y, new_state.solver_state), eqx.is_array)
+
+    def write(ckpts_):
+        index = _index(n, every, ckpts_)
+        return jtu.tree_map(lambda b, x: b.at[index].set(x), ckpts_, current)
+
+    # A `cond`, not a `where`: most steps make no checkpoint.
+    return lax.cond(pred, write, lambda c: c, ckpts)
+
+
+def recording_outer_loop(
     cond_fun: Callable,
     body_fun: Callable,
     init_val,
     *,
     max_steps: int,
     buffers: Callable,
-    every: int,
-    checkpoints: PyTree[Array],
+    recorders: list[tuple[PyTree, Callable]],
     out: list,
 ):
-    """diffrax's outer while loop, additionally writing a checkpoint after every
-    `every`-th accepted step. The filled buffer is handed back through `out`, as
-    diffrax's loop only returns its own state."""
+    """diffrax's outer while loop, additionally updating records after every
+    iteration: each recorder is `(initial, update)`, with
+    `update(state, new_state, record) -> record` (e.g. `write_checkpoint`). The final
+    records are handed back through `out`, as diffrax's loop only returns its own
+    state."""
+    updates = [update for _, update in recorders]
 
     def cond(carry):
         return cond_fun(carry[0])
 
     def body(carry):
-        state, ckpts = carry
+        state, records = carry
         new_state = body_fun(state)
-        n = new_state.num_accepted_steps
-        # Rejected steps leave `num_accepted_steps` unchanged, so each checkpoint is
-        # written once, by the step that reaches it.
-        pred = (n > state.num_accepted_steps) & (n % every == 0)
-        current = eqx.filter((new_state.y, new_state.solver_state), eqx.is_array)
+        records = [f(state, new_state, r) for f, r in zip(updates, records)]
+        return new_state, records
 
-        def write(ckpts_):
-            index = _index(n, every, ckpts_)
-            return jtu.tree_map(lambda b, x: b.at[index].set(x), ckpts_, current)
-
-        # A `cond`, not a `where`: most steps make no checkpoint.
-        ckpts = lax.cond(pred, write, lambda c: c, ckpts)
-        return new_state, ckpts
-
-    final_state, ckpts = outer_loop(
+    final_state, records = outer_loop(
         cond,
         body,
-        (init_val, checkpoints),
+        (init_val, [initial for initial, _ in recorders]),
         max_steps=max_steps,
         buffers=lambda carry: buffers(carry[0]),
     )
-    out.append(ckpts)
+    out.extend(records)
     return final_state
 
 

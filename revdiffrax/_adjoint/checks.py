@@ -63,13 +63,6 @@ def check_step_times(
             "`stepsize_controller=diffrax.ConstantStepSize()` with a `dt0` that "
             "divides `t1 - t0`."
         )
-    jump_ts = getattr(stepsize_controller, "jump_ts", None)
-    if jump_ts is not None and not solver.reversible_across_jumps:
-        raise NotImplementedError(
-            f"`{name}` cannot be reversed across the jumps requested by `jump_ts`. "
-            "Use `revdiffrax.Reversible(...)`, which is unaffected by jumps, or drop "
-            "`jump_ts`."
-        )
 
 
 def check_saveat(saveat: diffrax.SaveAt) -> None:

@@ -3,16 +3,22 @@
 The backward pass of a `custom_vjp` is traced apart from the forward pass, so it must
 not see tracers that a vector field or `SaveAt.fn` closed over (for example diffrax's
 own `direction` wrapper of `SaveAt.fn`, or a parameter closed over inside `jax.jit`).
-After conversion they are ordinary PyTree leaves and, inside the terms, receive
-gradients like any other parameter.
+After conversion they are ordinary PyTree leaves and receive gradients like any
+other parameter: inside the terms (also a tuple of terms, whose vector fields see only
+part of the state), and inside `SaveAt.fn` (which the adjoint differentiates as an
+input, `DiffInputs.fns`).
 """
 
 import functools as ft
+import itertools
 import types
 from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax._term import WrapTerm
 from jaxtyping import PyTree
@@ -31,26 +37,81 @@ def _closure_convert(fn: Callable, t, y, args) -> Callable:
     return eqx.filter_closure_convert(fn, t, y, args)
 
 
-def _convert_term(term: diffrax.AbstractTerm, t, y, args) -> diffrax.AbstractTerm:
-    if isinstance(term, diffrax.MultiTerm):
-        return diffrax.MultiTerm(*[_convert_term(x, t, y, args) for x in term.terms])
-    if isinstance(term, WrapTerm):
-        return eqx.tree_at(lambda w: w.term, term, _convert_term(term.term, t, y, args))
-    vf = getattr(term, "vector_field", None)
-    if vf is not None and _is_plain_function(vf):
-        return eqx.tree_at(
-            lambda x: x.vector_field, term, _closure_convert(vf, t, y, args)
+def _is_term(x: Any) -> bool:
+    return isinstance(x, diffrax.AbstractTerm)
+
+
+def _map_vector_fields(
+    terms: PyTree[diffrax.AbstractTerm], convert: Callable[[int, Callable], Callable]
+) -> PyTree[diffrax.AbstractTerm]:
+    """Replace the i-th plain-function vector field `vf` of `terms` (in a fixed
+    order, through `MultiTerm` and `WrapTerm`) by `convert(i, vf)`."""
+    counter = itertools.count()
+
+    def term_fn(term):
+        if isinstance(term, diffrax.MultiTerm):
+            return diffrax.MultiTerm(*[term_fn(x) for x in term.terms])
+        if isinstance(term, WrapTerm):
+            return eqx.tree_at(lambda w: w.term, term, term_fn(term.term))
+        vf = getattr(term, "vector_field", None)
+        if vf is not None and _is_plain_function(vf):
+            new_vf = convert(next(counter), vf)
+            return eqx.tree_at(lambda x: x.vector_field, term, new_vf)
+        return term
+
+    return jtu.tree_map(term_fn, terms, is_leaf=_is_term)
+
+
+def _abstract(tree: PyTree, is_dynamic: Callable[[Any], bool]) -> PyTree:
+    def leaf(x):
+        if is_dynamic(x):
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+        return x
+
+    return jtu.tree_map(leaf, tree)
+
+
+def _example_arguments(terms, solver, t0, t1, y0, args) -> dict[int, tuple]:
+    """The abstract `(t, y, args)` each vector field of `terms` is called with by
+    `solver.step` (e.g. only part of the state, for a tuple of terms)."""
+    examples = {}
+
+    def record(i, vf):
+        def recording_vf(t, y, args_):
+            # In the loop, times and states are arrays; `args` are as passed.
+            t_, y_ = _abstract((t, y), eqx.is_array_like)
+            examples.setdefault(i, (t_, y_, _abstract(args_, eqx.is_array)))
+            return vf(t, y, args_)
+
+        return recording_vf
+
+    recording = _map_vector_fields(terms, record)
+
+    def step():
+        state = solver.init(recording, t0, t1, y0, args)
+        return solver.step(recording, t0, t1, y0, args, state, False)
+
+    eqx.filter_eval_shape(step)
+    return examples
+
+
+def convert_terms(
+    terms: PyTree[diffrax.AbstractTerm], solver, t0, t1, y0, args
+) -> PyTree[diffrax.AbstractTerm]:
+    """Closure-convert every vector field of `terms`, so that what they close over
+    becomes a leaf of `terms` (and gets its cotangent)."""
+    if isinstance(terms, diffrax.AbstractTerm):
+        return _map_vector_fields(
+            terms, lambda i, vf: _closure_convert(vf, t0, y0, args)
         )
-    return term
+    # e.g. `SemiImplicitEuler`'s `(term_1, term_2)`: each vector field sees only part
+    # of the state, so trace one step to find what each is called with.
+    examples = _example_arguments(terms, solver, t0, t1, y0, args)
 
+    def convert(i, vf):
+        return _closure_convert(vf, *examples[i]) if i in examples else vf
 
-def convert_terms(terms: PyTree[diffrax.AbstractTerm], t, y, args) -> PyTree:
-    """Closure-convert the vector field of every term of a single-term solve."""
-    if not isinstance(terms, diffrax.AbstractTerm):
-        # e.g. `SemiImplicitEuler`'s `(term_1, term_2)`: each vector field sees only
-        # part of the state, so (t, y, args) are not example arguments for it.
-        return terms
-    return _convert_term(terms, t, y, args)
+    return _map_vector_fields(terms, convert)
 
 
 def convert_saveat(saveat: diffrax.SaveAt, t, y, args) -> diffrax.SaveAt:

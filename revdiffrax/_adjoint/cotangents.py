@@ -50,13 +50,25 @@ class InputCotangents(eqx.Module):
     t1: Real[Array, ""]
     dt0: Real[Array, ""]
     ts: list[Array]  # one per `SubSaveAt` with `ts`
+    fns: list[PyTree]  # one per `SubSaveAt`: of what its `fn` closes over
 
     @classmethod
-    def zeros(cls, params: PyTree, t0: Any, ts: list[Array]) -> "InputCotangents":
+    def zeros(
+        cls, params: PyTree, t0: Any, ts: list[Array], fns: list
+    ) -> "InputCotangents":
         zero = jnp.zeros((), jnp.result_type(t0))
         return cls(
-            zero_cotangent(params), zero, zero, zero, [jnp.zeros_like(x) for x in ts]
+            zero_cotangent(params),
+            zero,
+            zero,
+            zero,
+            [jnp.zeros_like(x) for x in ts],
+            [zero_cotangent(fn) for fn in fns],
         )
+
+    def add_fn(self, j: int, fn_bar: PyTree) -> "InputCotangents":
+        """Add the cotangent of the j-th `SubSaveAt`'s `fn`."""
+        return eqx.tree_at(lambda g: g.fns[j], self, add(self.fns[j], fn_bar))
 
     def add_params(self, params_bar: PyTree) -> "InputCotangents":
         return eqx.tree_at(lambda g: g.params, self, add(self.params, params_bar))
@@ -111,8 +123,13 @@ def select(tree: PyTree[Array], index: Int[Array, ""], pred: Any = True) -> PyTr
     return jtu.tree_map(lambda x: jnp.where(pred, x[index], 0), tree)
 
 
+def _call(fn, t, y, args):
+    return fn(t, y, args)
+
+
 def pull_back_save(
     sub: diffrax.SubSaveAt,
+    j: int,
     cotangent: PyTree,
     times: StepTimes,
     n: Int[Array, ""],
@@ -122,10 +139,10 @@ def pull_back_save(
     grads: InputCotangents,
 ) -> tuple[PyTree, InputCotangents]:
     """Pull `cotangent` back through the output `sub.fn(t_n, y, args)` saved at step
-    n, adding to the cotangents of `y` and of the inputs."""
-    _, vjp = eqx.filter_vjp(sub.fn, times[n], y, args)
-    t_bar, y_bar_, args_bar = vjp(diff_part(cotangent))
-    grads = grads.add_args(args_bar).add_time(times, n, t_bar)
+    n (by the j-th `SubSaveAt`), adding to the cotangents of `y` and of the inputs."""
+    _, vjp = eqx.filter_vjp(_call, sub.fn, times[n], y, args)
+    fn_bar, t_bar, y_bar_, args_bar = vjp(diff_part(cotangent))
+    grads = grads.add_args(args_bar).add_time(times, n, t_bar).add_fn(j, fn_bar)
     return add(y_bar, y_bar_), grads
 
 
@@ -141,14 +158,15 @@ class SavedOutputs(eqx.Module):
     bars: list[PyTree[Array]]  # the cotangent of each sub's output buffer
 
     def _with_ts(self):
-        """`(i, sub, bar)` for the i-th sub with `ts`."""
-        pairs = [(s, b) for s, b in zip(self.subs, self.bars) if s.ts is not None]
-        return [(i, s, b) for i, (s, b) in enumerate(pairs)]
+        """`(i, j, sub, bar)` for the i-th sub with `ts`, the j-th sub."""
+        subs = enumerate(zip(self.subs, self.bars))
+        triples = [(j, s, b) for j, (s, b) in subs if s.ts is not None]
+        return [(i, j, s, b) for i, (j, s, b) in enumerate(triples)]
 
     def at_final_step(self, times, y, args, y_bar, grads):
         """Outputs saved at t1 and after the last step, from y_N."""
         n = times.num_steps
-        for sub, bar in zip(self.subs, self.bars):
+        for j, (sub, bar) in enumerate(zip(self.subs, self.bars)):
             leaves = jtu.tree_leaves(bar)
             size = leaves[0].shape[0] if leaves else 0
             if size == 0:
@@ -156,19 +174,19 @@ class SavedOutputs(eqx.Module):
             index, pred = t1_output(sub, n)
             cotangent = select(bar, jnp.minimum(index, size - 1), pred)
             y_bar, grads = pull_back_save(
-                sub, cotangent, times, n, y, args, y_bar, grads
+                sub, j, cotangent, times, n, y, args, y_bar, grads
             )
         return self.at_step(times, n, y, args, y_bar, grads)
 
     def at_step(self, times, n, y, args, y_bar, grads):
         """Outputs of `SubSaveAt(steps=k)` saved after accepted step n, from y_n."""
-        for sub, bar in zip(self.subs, self.bars):
+        for j, (sub, bar) in enumerate(zip(self.subs, self.bars)):
             if sub.steps == 0:
                 continue
             index, pred = steps_output(sub, n)
             cotangent = select(bar, index, pred)
             y_bar, grads = pull_back_save(
-                sub, cotangent, times, n, y, args, y_bar, grads
+                sub, j, cotangent, times, n, y, args, y_bar, grads
             )
         return y_bar, grads
 
@@ -184,47 +202,50 @@ class SavedOutputs(eqx.Module):
         dense_info_bar = zero_cotangent(dense_info)
         args_bar = zero_cotangent(args)
         new_left = []
-        for i, sub, bar in self._with_ts():
-            left, dense_info_bar, sub_args_bar, ta_bar, tb_bar, ts_bar = _ts_in_step(
-                sub,
-                bar,
-                times,
-                m,
-                dense_info,
-                interpolation_cls,
-                args,
-                ts_left[i],
-                dense_info_bar,
+        for i, j, sub, bar in self._with_ts():
+            left, dense_info_bar, sub_args_bar, ta_bar, tb_bar, ts_bar, fn_bar = (
+                _ts_in_step(
+                    sub,
+                    bar,
+                    times,
+                    m,
+                    dense_info,
+                    interpolation_cls,
+                    args,
+                    ts_left[i],
+                    dense_info_bar,
+                )
             )
             new_left.append(left)
             args_bar = add(args_bar, sub_args_bar)
             grads = grads.add_time(times, m, ta_bar).add_time(times, m + 1, tb_bar)
             grads = eqx.tree_at(lambda g: g.ts[i], grads, grads.ts[i] + ts_bar)
+            grads = grads.add_fn(j, fn_bar)
         return dense_info_bar, new_left, grads, args_bar
 
     def at_start(self, times, y0, args, ts_left, y_bar, grads):
         """Outputs saved at t0, from y_0: `SubSaveAt(t0=True)`, and the `ts` left
         when t0 == t1 (diffrax then saves `fn(t0, y0, args)` for each)."""
         zero = jnp.asarray(0)
-        for i, sub, bar in self._with_ts():
+        for i, j, sub, bar in self._with_ts():
             offset = 1 if sub.t0 else 0
 
-            def body(carry, sub=sub, bar=bar, offset=offset):
+            def body(carry, sub=sub, j=j, bar=bar, offset=offset):
                 left, y_bar_, grads_ = carry
                 cotangent = select(bar, offset + left - 1)
                 y_bar_, grads_ = pull_back_save(
-                    sub, cotangent, times, zero, y0, args, y_bar_, grads_
+                    sub, j, cotangent, times, zero, y0, args, y_bar_, grads_
                 )
                 return left - 1, y_bar_, grads_
 
             _, y_bar, grads = varying_while_loop(
                 lambda c: c[0] > 0, body, (ts_left[i], y_bar, grads)
             )
-        for sub, bar in zip(self.subs, self.bars):
+        for j, (sub, bar) in enumerate(zip(self.subs, self.bars)):
             if sub.t0:
                 cotangent = select(bar, zero)
                 y_bar, grads = pull_back_save(
-                    sub, cotangent, times, zero, y0, args, y_bar, grads
+                    sub, j, cotangent, times, zero, y0, args, y_bar, grads
                 )
         return y_bar, grads
 
@@ -234,26 +255,26 @@ def _ts_in_step(
 ):
     """The `SaveAt(ts)` outputs of one sub interpolated in step m: a while loop over
     them, latest first. Returns the cotangents of the dense information, `args`,
-    t_m, t_{m+1} and `ts`."""
+    t_m, t_{m+1}, `ts` and `sub.fn`."""
     t_a = times[m]
-    t_b = times[m + 1]
+    t_b = times.end(m)
     ts = sub.ts
     offset = 1 if sub.t0 else 0
 
-    def save(dense_info_, t_a_, t_b_, t_k, args_):
+    def save(dense_info_, t_a_, t_b_, t_k, args_, fn):
         interpolation = interpolation_cls(t0=t_a_, t1=t_b_, **dense_info_)
-        return sub.fn(t_k, interpolation.evaluate(t_k), args_)
+        return fn(t_k, interpolation.evaluate(t_k), args_)
 
     def cond(carry):
         left_ = carry[0]
         return (left_ > 0) & ((m == 0) | (ts[jnp.maximum(left_ - 1, 0)] > t_a))
 
     def body(carry):
-        left_, d_bar, args_bar, ta_bar, tb_bar, ts_bar = carry
+        left_, d_bar, args_bar, ta_bar, tb_bar, ts_bar, fn_bar = carry
         k = left_ - 1
-        _, vjp = eqx.filter_vjp(save, dense_info, t_a, t_b, ts[k], args)
+        _, vjp = eqx.filter_vjp(save, dense_info, t_a, t_b, ts[k], args, sub.fn)
         cotangent = diff_part(select(bar, offset + k))
-        d_bar_, ta_bar_, tb_bar_, tk_bar, args_bar_ = vjp(cotangent)
+        d_bar_, ta_bar_, tb_bar_, tk_bar, args_bar_, fn_bar_ = vjp(cotangent)
         return (
             k,
             add(d_bar, d_bar_),
@@ -261,8 +282,17 @@ def _ts_in_step(
             ta_bar + ta_bar_,
             tb_bar + tb_bar_,
             ts_bar.at[k].add(tk_bar),
+            add(fn_bar, fn_bar_),
         )
 
     zero = jnp.zeros((), jnp.result_type(t_a))
-    init = (left, dense_info_bar, zero_cotangent(args), zero, zero, jnp.zeros_like(ts))
+    init = (
+        left,
+        dense_info_bar,
+        zero_cotangent(args),
+        zero,
+        zero,
+        jnp.zeros_like(ts),
+        zero_cotangent(sub.fn),
+    )
     return varying_while_loop(cond, body, init)

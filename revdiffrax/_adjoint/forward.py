@@ -13,12 +13,14 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._varying import make_varying, varying_axes, while_loop
 from .checkpoints import (
-    checkpointing_outer_loop,
     empty_checkpoints,
     num_checkpoints,
     outer_loop,
+    recording_outer_loop,
+    write_checkpoint,
 )
-from .saveat import replace_ts
+from .jumps import empty_jump_records, JumpRecords, record_jump
+from .saveat import replace_fns, replace_ts
 from .step_times import needs_recording
 
 
@@ -37,6 +39,11 @@ class DiffInputs(eqx.Module):
     # Only differentiable: the loop uses a stop-gradiented copy, and the cotangent
     # comes from the dependence of the step times on it (`StepTimes`).
     dt0: Any
+    # The `fn` of each `SubSaveAt`, closure-converted: what they close over (e.g. a
+    # parameter of a learned observation function) receives cotangents.
+    fns: list
+    # A `solver_state` passed to `diffeqsolve` (else None: made by `solver.init`).
+    solver_state0: PyTree = None
 
 
 class Residuals(eqx.Module):
@@ -49,6 +56,7 @@ class Residuals(eqx.Module):
     step_times: Float[Array, " max_steps"] | None
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
+    jumps: JumpRecords | None  # the solver states discarded by jumps (`jumps.py`)
 
 
 def _record_nothing(t, y, args):
@@ -78,6 +86,56 @@ def _with_step_time_recording(init_state, max_steps: int):
     )
 
 
+def count_jumps(stepsize_controller) -> int:
+    """The number of jumps requested by `jump_ts`."""
+    jump_ts = getattr(stepsize_controller, "jump_ts", None)
+    return 0 if jump_ts is None else len(jump_ts)
+
+
+def _outer_loop(
+    init_state,
+    *,
+    every: int | None,
+    max_steps: int,
+    num_jumps: int,
+    jump_states: bool,
+    out: dict,
+    axes: frozenset,
+):
+    """diffrax's outer loop, recording checkpoints (every `every` accepted steps)
+    and the solver states discarded by jumps, into `out`."""
+    recorders, names = [], []
+    count = num_checkpoints(every, max_steps)
+    if count > 0 and every is not None:
+        template = (init_state.y, init_state.solver_state)
+        names.append("checkpoints")
+        recorders.append(
+            (
+                empty_checkpoints(template, count),
+                ft.partial(write_checkpoint, every=every),
+            )
+        )
+    if num_jumps > 0:
+        names.append("jumps")
+        template = (init_state.y, init_state.solver_state)
+        time_dtype = jnp.result_type(init_state.tnext)
+        jump_records = empty_jump_records(template, num_jumps, jump_states, time_dtype)
+        recorders.append((jump_records, record_jump))
+    if not recorders:
+        return outer_loop
+    recorders = [(make_varying(initial, axes), f) for initial, f in recorders]
+    records: list = []
+
+    def loop(*args, **kwargs):
+        final_state = recording_outer_loop(
+            *args, recorders=recorders, out=records, **kwargs
+        )
+        out.update(zip(names, records))
+        return final_state
+
+    return loop
+
+
 def forward(
     inputs: DiffInputs,
     *,
@@ -90,9 +148,13 @@ def forward(
 ) -> tuple[tuple[Any, Any], Residuals]:
     """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
     residuals of the backward pass."""
-    saveat = replace_ts(saveat, inputs.ts)
+    saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
+    if inputs.solver_state0 is not None:
+        init_state = eqx.tree_at(
+            lambda s: s.solver_state, init_state, inputs.solver_state0
+        )
     record = needs_recording(loop_kwargs["stepsize_controller"])
     if record:
         init_state = _with_step_time_recording(init_state, max_steps)
@@ -101,8 +163,8 @@ def forward(
         )
     # Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
     # saving the (varying) solution and keeping its buffers, whose branches must
-    # have equal types, so the save buffers start as varying as the inputs. (The
-    # loop carries' other types are found by `varying_while_loop`.)
+    # have equal types, so the save buffers (and our records) start as varying as
+    # the inputs. (The loop carries' other types are found by `varying_while_loop`.)
     axes = varying_axes(inputs)
     init_state = eqx.tree_at(
         lambda s: s.save_state,
@@ -110,18 +172,18 @@ def forward(
         make_varying(init_state.save_state, axes),
         is_leaf=_is_none,
     )
-    count = num_checkpoints(adjoint.checkpoint_every, max_steps)
-    out = []
-    if with_checkpoints and count > 0:
-        checkpoints = empty_checkpoints((init_state.y, init_state.solver_state), count)
-        outer_while_loop = ft.partial(
-            checkpointing_outer_loop,
-            every=adjoint.checkpoint_every,
-            checkpoints=make_varying(checkpoints, axes),
-            out=out,
-        )
-    else:
-        outer_while_loop = outer_loop
+    out = {}
+    outer_while_loop = _outer_loop(
+        init_state,
+        every=adjoint.checkpoint_every if with_checkpoints else None,
+        max_steps=max_steps,
+        num_jumps=count_jumps(loop_kwargs["stepsize_controller"])
+        if with_checkpoints
+        else 0,
+        jump_states=not loop_kwargs["solver"].reversible_across_jumps,
+        out=out,
+        axes=axes,
+    )
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
         terms=inputs.terms,
@@ -146,6 +208,7 @@ def forward(
         solver_state=final_state.solver_state,
         step_times=step_times,
         num_steps=final_state.num_accepted_steps,
-        checkpoints=out[0] if out else None,
+        checkpoints=out.get("checkpoints"),
+        jumps=out.get("jumps"),
     )
     return (final_state, aux_stats), residuals

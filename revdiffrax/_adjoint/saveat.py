@@ -32,6 +32,23 @@ def replace_ts(saveat: diffrax.SaveAt, ts_list: list[Array]) -> diffrax.SaveAt:
     return eqx.tree_at(lambda s: saveat_ts(s), saveat, ts_list)
 
 
+def saveat_fns(saveat: diffrax.SaveAt) -> list:
+    """The `fn` of every `SubSaveAt`, in the order of `subsaveats`."""
+    return [sub.fn for sub in subsaveats(saveat)]
+
+
+def replace_fns(saveat: diffrax.SaveAt, fns: list) -> diffrax.SaveAt:
+    """`saveat` with the `fn` of its `SubSaveAt`s replaced by `fns` (as returned by
+    `saveat_fns`)."""
+    it = iter(fns)
+
+    def replace(sub):
+        return eqx.tree_at(lambda s: s.fn, sub, next(it))
+
+    subs = jtu.tree_map(replace, saveat.subs, is_leaf=is_subsaveat)
+    return eqx.tree_at(lambda s: s.subs, saveat, subs)
+
+
 def t1_output(
     sub: diffrax.SubSaveAt, num_steps: Int[Array, ""]
 ) -> tuple[Int[Array, ""], Bool[Array, ""]]:

@@ -68,6 +68,18 @@ class StepTimes(eqx.Module):
     num_steps: Int[Array, ""]  # N, the number of accepted steps
     kind: str = eqx.field(static=True)
     stepto_ts: Real[Array, " N+1"] | None = None  # `StepTo.ts`
+    # With `jump_ts`: the steps that end at a jump, and their ends (`jumps.py`).
+    jump_end_steps: Int[Array, " jumps"] | None = None
+    jump_ends: Real[Array, " jumps"] | None = None
+
+    def end(self, m: Int[Array, ""]) -> Real[Array, ""]:
+        """The end of step m: t_{m+1}, the start of the next step, unless step m ends
+        at a jump, just before it (the next step starts just after it)."""
+        t = self[m + 1]
+        if self.jump_end_steps is None or self.jump_ends is None:
+            return t
+        hit = self.jump_end_steps == m
+        return jnp.where(jnp.any(hit), self.jump_ends[jnp.argmax(hit)], t)
 
     def __getitem__(self, n: Int[Array, ""]) -> Real[Array, ""]:
         """The time t_n."""

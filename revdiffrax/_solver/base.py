@@ -41,6 +41,11 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     backpropagate in O(1) memory: states are rebuilt on the backward pass instead of
     being stored on the forward pass.
 
+    A multistep method also needs the time of the step before the one it undoes,
+    which an O(1) state cannot remember on an arbitrary grid: it receives it through
+    `at_previous_time`, as in `solver.at_previous_time(t_prev).backward_step(...)`,
+    and its `backward_step` raises without it.
+
     Subclasses declare what the adjoint may rely on with two class variables,
     `reversible_on_any_grid` and `reversible_across_jumps`, and may override
     `backward_step_vjp` (or `backward_step_pullback`, which the adjoint calls) to
@@ -48,13 +53,29 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     hold less memory.
     """
 
-    # Whether `backward_step` is exact for any sequence of step times. A multistep
-    # method needs the time before the step, which an O(1) state cannot remember: it
-    # can then only be reversed on the uniform grid of `diffrax.ConstantStepSize`.
+    # Whether `backward_step` is exact for any sequence of step times (given the
+    # time before the step through `at_previous_time`, for a multistep method). If
+    # not, `ReversibleAdjoint` only reverses it under `diffrax.ConstantStepSize`.
     reversible_on_any_grid: ClassVar[bool] = True
     # Whether `backward_step` also undoes a step made with `made_jump=True` after a
-    # jump requested by `jump_ts` (the state a jump discards cannot be rebuilt).
+    # jump requested by `jump_ts`. If not (e.g. the step restarts part of the state
+    # from y, which discards the old state and makes the step implicit in y),
+    # `ReversibleAdjoint` stores the start of each step after a jump (at most
+    # `len(jump_ts)`) and pulls that step back from it.
     reversible_across_jumps: ClassVar[bool] = False
+
+    def at_previous_time(
+        self, t_prev: RealScalarLike
+    ) -> "AbstractReversibleSolver[_SolverState]":
+        """The solver that undoes a step from `t0` to `t1` knowing `t_prev`, the start
+        of the step before (`t_prev == t0` for the first step of a solve).
+
+        One-step methods do not need it and return `self` (the default). A multistep
+        method returns a copy that holds `t_prev` for its `backward_step`.
+        [`revdiffrax.ReversibleAdjoint`][] calls this before every backward step.
+        """
+        del t_prev
+        return self
 
     @abc.abstractmethod
     def backward_step(
@@ -127,26 +148,9 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
         y0, _, solver_state0, _ = self.backward_step(
             terms, t0, t1, y1, args, solver_state, made_jump
         )
-
-        def step(y, state, params, times):
-            _terms, _args = params
-            # Times are differentiated only on request: e.g. a
-            # `VirtualBrownianTree` refuses to be differentiated in time.
-            _t0, _t1 = times if diff_times else (t0, t1)
-            _y1, _, _dense_info, _state1, _ = self.step(
-                _terms, _t0, _t1, y, _args, state, made_jump
-            )
-            return _y1, _state1, _dense_info
-
-        times = (t0, t1) if diff_times else None
-        (_, _, dense_info), vjp = eqx.filter_vjp(
-            step, y0, solver_state0, (terms, args), times
+        dense_info, pullback = linearise_step(
+            self, terms, t0, t1, y0, args, solver_state0, made_jump, diff_times
         )
-
-        def pullback(y1_bar, solver_state1_bar, dense_info_bar):
-            cotangent = (y1_bar, solver_state1_bar, dense_info_bar)
-            return vjp(eqx.filter(cotangent, eqx.is_inexact_array))
-
         return y0, dense_info, solver_state0, pullback
 
     def backward_step_pullback(
@@ -201,26 +205,70 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
             diff_times=diff_times,
             want_dense=want_dense,
         )
-        if dense_cotangent is None:
-            dense_info_bar = jtu.tree_map(
-                jnp.zeros_like, eqx.filter(dense_info, eqx.is_inexact_array)
-            )
-            aux = None
-        else:
-            dense_info_bar, aux = dense_cotangent(dense_info)
-        y1_bar, solver_state1_bar, params_bar = cotangents
-        y0_bar, solver_state0_bar, step_params_bar, times_bar = pullback(
-            y1_bar, solver_state1_bar, dense_info_bar
+        bars, aux = apply_pullback(pullback, dense_info, cotangents, dense_cotangent)
+        return y0, solver_state0, bars, aux
+
+
+def linearise_step(
+    solver: diffrax.AbstractSolver,
+    terms: PyTree[diffrax.AbstractTerm],
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    y0: Y,
+    args: Args,
+    solver_state0: PyTree,
+    made_jump: BoolScalarLike,
+    diff_times: bool,
+) -> tuple[DenseInfo, Callable]:
+    """`solver.step` from `(y0, solver_state0)` under `jax.vjp`: returns the step's
+    dense information and `pullback(y1_bar, solver_state1_bar, dense_info_bar)`, as
+    in `AbstractReversibleSolver.backward_step_vjp`."""
+
+    def step(y, state, params, times):
+        _terms, _args = params
+        # Times are differentiated only on request: e.g. a `VirtualBrownianTree`
+        # refuses to be differentiated in time.
+        _t0, _t1 = times if diff_times else (t0, t1)
+        _y1, _, _dense_info, _state1, _ = solver.step(
+            _terms, _t0, _t1, y, _args, state, made_jump
         )
-        params_bar = jtu.tree_map(
-            lambda a, b: a if b is None else (b if a is None else a + b),
-            params_bar,
-            step_params_bar,
-            is_leaf=lambda x: x is None,
+        return _y1, _state1, _dense_info
+
+    times = (t0, t1) if diff_times else None
+    (_, _, dense_info), vjp = eqx.filter_vjp(
+        step, y0, solver_state0, (terms, args), times
+    )
+
+    def pullback(y1_bar, solver_state1_bar, dense_info_bar):
+        cotangent = (y1_bar, solver_state1_bar, dense_info_bar)
+        return vjp(eqx.filter(cotangent, eqx.is_inexact_array))
+
+    return dense_info, pullback
+
+
+def apply_pullback(
+    pullback: Callable,
+    dense_info: DenseInfo,
+    cotangents: tuple[Y, PyTree, PyTree],
+    dense_cotangent: Callable | None,
+) -> tuple[tuple, Any]:
+    """Apply a `backward_step_vjp` pullback to the cotangents of
+    `backward_step_pullback`; returns its `(bars, aux)`."""
+    if dense_cotangent is None:
+        dense_info_bar = jtu.tree_map(
+            jnp.zeros_like, eqx.filter(dense_info, eqx.is_inexact_array)
         )
-        return (
-            y0,
-            solver_state0,
-            (y0_bar, solver_state0_bar, params_bar, times_bar),
-            aux,
-        )
+        aux = None
+    else:
+        dense_info_bar, aux = dense_cotangent(dense_info)
+    y1_bar, solver_state1_bar, params_bar = cotangents
+    y0_bar, solver_state0_bar, step_params_bar, times_bar = pullback(
+        y1_bar, solver_state1_bar, dense_info_bar
+    )
+    params_bar = jtu.tree_map(
+        lambda a, b: a if b is None else (b if a is None else a + b),
+        params_bar,
+        step_params_bar,
+        is_leaf=lambda x: x is None,
+    )
+    return (y0_bar, solver_state0_bar, params_bar, times_bar), aux

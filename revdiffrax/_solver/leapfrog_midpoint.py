@@ -2,6 +2,7 @@ from collections.abc import Callable
 from typing import ClassVar, TypeAlias
 
 import diffrax
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
@@ -13,6 +14,10 @@ from .base import AbstractReversibleSolver
 # (t_{n-1}, y_{n-1}, t_start): the previous point of the two-step recurrence, plus
 # the start of the solve (where the recurrence is started with an Euler step).
 _SolverState: TypeAlias = tuple[RealScalarLike, PyTree, RealScalarLike]
+
+
+def _is_none(x) -> bool:
+    return x is None
 
 
 class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
@@ -29,9 +34,13 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
     field evaluation per step, stable only on the imaginary axis.
 
     As for any multistep method, undoing a step needs $t_{n-1}$, which an O(1) state
-    cannot remember for an arbitrary grid: `backward_step` assumes a uniform grid
-    ($t_{n-1} = 2 t_n - t_{n+1}$), i.e. `diffrax.ConstantStepSize` with a `dt0`
-    that divides `t1 - t0`. [`revdiffrax.ReversibleAdjoint`][] checks this.
+    cannot remember on an arbitrary grid: `backward_step` takes it from
+    `at_previous_time`, as in `solver.at_previous_time(t_prev).backward_step(...)`,
+    and raises without it. [`revdiffrax.ReversibleAdjoint`][] passes it (it knows
+    every step time), so any grid works: `StepTo`, `PIDController` (whose steps are
+    all accepted, as there is no error estimate; e.g. with `step_ts`) or a
+    `ConstantStepSize` whose `dt0` does not divide `t1 - t0`. The forward step
+    ignores `made_jump` (as diffrax's does), so `jump_ts` changes only the grid.
 
     ??? cite "Reference"
 
@@ -52,8 +61,16 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
     interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = (
         diffrax.LocalLinearInterpolation
     )
-    # `backward_step` recovers t_{n-1} = 2 t_n - t_{n+1}: uniform grids only.
-    reversible_on_any_grid: ClassVar[bool] = False
+    # t_{n-1}, the start of the step before the one to undo: set by
+    # `at_previous_time`, for `backward_step` only.
+    t_prev: RealScalarLike | None = None
+
+    # Exact on any grid given t_{n-1}; `step` ignores `made_jump`.
+    reversible_on_any_grid: ClassVar[bool] = True
+    reversible_across_jumps: ClassVar[bool] = True
+
+    def at_previous_time(self, t_prev: RealScalarLike) -> "LeapfrogMidpoint":
+        return eqx.tree_at(lambda s: s.t_prev, self, t_prev, is_leaf=_is_none)
 
     def order(self, terms):
         return 2
@@ -90,10 +107,17 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
         made_jump: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump
+        if self.t_prev is None:
+            raise ValueError(
+                "`LeapfrogMidpoint.backward_step` needs the start t_{n-1} of the step "
+                "before the one it undoes, which its state does not hold: call "
+                "`solver.at_previous_time(t_prev).backward_step(...)` (`t_prev = t0` "
+                "on the first step). `revdiffrax.ReversibleAdjoint` does this."
+            )
         _, y0, t_start = solver_state
         first = t0 == t_start
         # On the first step the recurrence was started from (t0, y0) itself.
-        tm1 = jnp.where(first, t0, 2 * t0 - t1)
+        tm1 = jnp.where(first, t0, self.t_prev)
         control = terms.contr(tm1, t1)
         ym1 = jtu.tree_map(lambda a, b: a - b, y1, terms.vf_prod(t0, y0, args, control))
         ym1 = jtu.tree_map(lambda a, b: jnp.where(first, b, a), ym1, y0)
@@ -106,4 +130,8 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
         return terms.vf(t0, y0, args)
 
 
-LeapfrogMidpoint.__init__.__doc__ = """**Arguments:** None"""
+LeapfrogMidpoint.__init__.__doc__ = """**Arguments:**
+
+- `t_prev`: leave it unset. `at_previous_time(t_prev)` returns a copy with the start
+    of the step before the one `backward_step` undoes.
+"""

@@ -39,8 +39,10 @@ class ReversibleHeun(
     SDEs; one vector field evaluation per step. Stable only near the imaginary axis.
 
     `backward_step` assumes that no jump happened at `t0` other than at the start of
-    the solve (where $\hat y_0 = y_0$), which is the case inside one
-    `diffeqsolve` without `jump_ts`.
+    the solve (where $\hat y_0 = y_0$): after a jump, `step` uses $f(t_n, y_n)$,
+    which makes it implicit in $y_n$. With `jump_ts`,
+    [`revdiffrax.ReversibleAdjoint`][] stores the start of each step made after a
+    jump instead (at most `len(jump_ts)` states).
 
     ??? cite "Reference"
 

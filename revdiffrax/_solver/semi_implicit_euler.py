@@ -37,6 +37,8 @@ class SemiImplicitEuler(AbstractReversibleSolver[_SolverState]):
     interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = (
         diffrax.LocalLinearInterpolation
     )
+    # `step` ignores `made_jump`.
+    reversible_across_jumps: ClassVar[bool] = True
 
     def order(self, terms):
         return 1
