@@ -1,13 +1,11 @@
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import ReversibleAdjoint
@@ -118,34 +116,16 @@ def choose_checkpoint_every(
         raise ValueError("`candidates` must contain at least one value of k.")
     if drift_tol is None:
         drift_tol = _default_drift_tol(args)
+    from ._adjoint_choice import measure
+
     diff, static = eqx.partition(args, eqx.is_inexact_array)
     rows = []
     for k in candidates:
-        drifts = []
         # The drift is measured here, so the default drift warning is switched off.
-        adjoint = ReversibleAdjoint(
-            checkpoint_every=k, drift_tol=None, drift_callback=drifts.append
-        )
-
-        def grad_fn(_diff, _adjoint=adjoint):
-            def _loss(__diff):
-                return loss(_adjoint, *eqx.combine(__diff, static))
-
-            return jax.grad(_loss)(_diff)
-
-        compiled = jax.jit(grad_fn).lower(diff).compile()
-        analysis = compiled.memory_analysis()
-        temp_bytes = None if analysis is None else int(analysis.temp_size_in_bytes)
-        jax.block_until_ready(compiled(diff))
-        drifts.clear()
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(diff))
-        seconds = time.perf_counter() - start
-        jax.effects_barrier()
-        drift = max(float(np.max(np.asarray(d))) for d in drifts) if drifts else 0.0
-        if math.isnan(drift):
-            drift = math.inf
-        rows.append(CheckpointChoice(k, drift, temp_bytes, seconds))
+        adjoint = ReversibleAdjoint(checkpoint_every=k, drift_tol=None)
+        row = measure(loss, str(k), adjoint, diff, static, None, 1, math.inf)
+        assert row.seconds is not None  # no budget: every candidate runs
+        rows.append(CheckpointChoice(k, row.drift, row.temp_bytes, row.seconds))
 
     chosen, safe = _pick({row.checkpoint_every: row.drift for row in rows}, drift_tol)
     choice = next(row for row in rows if row.checkpoint_every == chosen)
