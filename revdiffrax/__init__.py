@@ -5,6 +5,7 @@ import importlib.metadata
 
 from ._adjoint import (
     DriftWarning as DriftWarning,
+    ParasiticModeWarning as ParasiticModeWarning,
     ReversibleAdjoint as ReversibleAdjoint,
 )
 from ._adjoint_choice import (

@@ -14,8 +14,10 @@ One concern per module:
 - `backward`: the backward driver, one reverse step at a time (the step itself is
   the solver's `backward_step_vjp`, generic or fused);
 - `drift`: the reconstruction drift and its checks;
+- `parasitic`: the parasitic mode of two-state solvers after the forward solve;
 - `vjp`: the `custom_vjp` wiring.
 """
 
 from .adjoint import ReversibleAdjoint as ReversibleAdjoint
 from .drift import DriftWarning as DriftWarning
+from .parasitic import ParasiticModeWarning as ParasiticModeWarning

@@ -99,6 +99,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         default=None, static=True
     )
     checkpoint_every: int | None = eqx.field(default=None, static=True)
+    parasitic_tol: float | Literal["auto"] | None = eqx.field(
+        default="auto", static=True
+    )
 
     def __check_init__(self):
         tol = self.drift_tol
@@ -109,6 +112,15 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 '`drift_tol` must be a number (raise an error above it), "auto" (the '
                 "default: warn above the square root of the machine epsilon) or None "
                 f"(no check), got {tol!r}."
+            )
+        tol = self.parasitic_tol
+        if not (tol is None or tol == "auto" or isinstance(tol, (int, float))) or (
+            isinstance(tol, bool)
+        ):
+            raise ValueError(
+                '`parasitic_tol` must be a number (raise an error above it), "auto" '
+                "(the default: warn above 1e-3) or None (no check), got "
+                f"{tol!r}."
             )
         k = self.checkpoint_every
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -229,4 +241,13 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     errors accumulate over at most k steps. Costs `max_steps // k` stored states
     (allocated up front, like the step-time buffer) and no extra vector-field
     evaluations. See [`revdiffrax.choose_checkpoint_every`][] to pick k.
+- `parasitic_tol`: what to do with the relative distance
+    $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ between the two states of a two-state solver
+    ([`revdiffrax.Reversible`][], [`revdiffrax.ReversibleHeun`][]) at the end of the
+    forward solve, reported as `sol.stats["parasitic_offset"]`. It measures how far
+    the parasitic mode has taken the solution from the base solver's (on a
+    dissipative problem with too large a coupling it grows geometrically; see
+    [choosing the coupling][choosing-the-coupling]). `"auto"` (default): issue a
+    [`revdiffrax.ParasiticModeWarning`][], once per compilation, above `1e-3`. A
+    number: raise an error above it. `None`: no check.
 """

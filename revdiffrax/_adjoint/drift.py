@@ -93,7 +93,7 @@ class _Raise:
         raise RuntimeError(self.message)
 
 
-def _on_host_if(
+def on_host_if(
     cotangents: PyTree, drift: Float[Array, ""], tol: float, check: Callable
 ) -> PyTree:
     """Pass the cotangents through the host callback `check`, when the drift is
@@ -118,7 +118,7 @@ def _on_host_if(
 def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
     """Warn (once per compilation) when the drift is large."""
     warn = _WarnOnce(auto_drift_tol(drift.dtype), drift.dtype)
-    return _on_host_if(cotangents, drift, warn.tol, warn)
+    return on_host_if(cotangents, drift, warn.tol, warn)
 
 
 def _raise_if_large(
@@ -131,7 +131,7 @@ def _raise_if_large(
     # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
     if not varying_axes(cotangents):
         return eqx.error_if(cotangents, jnp.logical_not(drift <= drift_tol), message)
-    return _on_host_if(cotangents, drift, drift_tol, _Raise(message))
+    return on_host_if(cotangents, drift, drift_tol, _Raise(message))
 
 
 def report_drift(

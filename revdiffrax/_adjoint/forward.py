@@ -20,6 +20,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .jumps import empty_jump_records, JumpRecords, record_jump
+from .parasitic import check_parasitic, parasitic_offset
 from .saveat import replace_fns, replace_ts
 from .step_times import needs_recording
 
@@ -203,6 +204,12 @@ def forward(
             lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
         )
         step_times = record_state.ts
+    offset = parasitic_offset(
+        loop_kwargs["solver"], final_state.y, final_state.solver_state
+    )
+    if offset is not None:
+        final_state = check_parasitic(final_state, offset, adjoint.parasitic_tol)
+        aux_stats = {**aux_stats, "parasitic_offset": offset}
     residuals = Residuals(
         y=final_state.y,
         solver_state=final_state.solver_state,

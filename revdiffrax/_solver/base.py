@@ -77,6 +77,16 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
         del t_prev
         return self
 
+    def second_state(self, y: Y, solver_state: _SolverState) -> Y | None:
+        """The second approximation of the solution that a two-state method carries
+        in its solver state (e.g. $z$ of [`revdiffrax.Reversible`][]), or `None`
+        (the default) for methods without one. The distance between the two is the
+        method's parasitic mode, which [`revdiffrax.ReversibleAdjoint`][] reports as
+        `sol.stats["parasitic_offset"]`.
+        """
+        del y, solver_state
+        return None
+
     @abc.abstractmethod
     def backward_step(
         self,

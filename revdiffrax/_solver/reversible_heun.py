@@ -84,6 +84,9 @@ class ReversibleHeun(
             terms, t0, t1, y0, args, solver_state, made_jump
         )
 
+    def second_state(self, y: Y, solver_state: _SolverState) -> Y:
+        return solver_state[0]  # yhat
+
     def backward_step(
         self,
         terms: diffrax.AbstractTerm,

@@ -1,0 +1,108 @@
+r"""The parasitic mode of a two-state reversible solver, reported after the forward
+solve: the relative distance between its two states at the end,
+$\|y_N - z_N\|_2 / \|y_N\|_2$ (`sol.stats["parasitic_offset"]`), and a check on it.
+
+For [`revdiffrax.Reversible`][], $d_n = y_n - z_n$ is multiplied by about
+$\lambda e^{-ha}$ per step on an eigenvalue $a$ of the Jacobian, so it grows
+geometrically on dissipative problems with $h\,|\mathrm{Re}\,a| > -\ln\lambda$, and
+every step feeds $(\lambda - 1 - hJ) d_n$ into $y$. Where it grows, the error it
+has caused in $y$ is about $d_N$ (the sum of $h|a| d_n$ over a geometric
+sequence); where it does not, $d_N$ is about the accumulated local defects of the
+base solver. Either way it measures how far the coupled solution may be from the
+base solver's, at no cost: both states are in the final solver state. With
+adaptive steps the controller already sees its growth (`Reversible`'s error
+estimate); with constant steps only this check does.
+"""
+
+import warnings
+from typing import Any, Literal
+
+import jax.lax as lax
+import numpy as np
+from jaxtyping import Array, Float, PyTree
+
+from .drift import on_host_if, relative_drift
+
+
+AUTO_PARASITIC_TOL = 1e-3
+
+
+class ParasiticModeWarning(UserWarning):
+    """Issued by [`revdiffrax.ReversibleAdjoint`][] after a forward solve whose two
+    reversible states ended far apart (`sol.stats["parasitic_offset"]` above
+    `parasitic_tol`): the parasitic mode of the coupled scheme grew, and the
+    solution is off from the base solver's by about that relative amount.
+
+    Silence it with `ReversibleAdjoint(parasitic_tol=None)` or
+    `warnings.simplefilter("ignore", revdiffrax.ParasiticModeWarning)`; turn it into
+    an error with `ReversibleAdjoint(parasitic_tol=tol)`.
+    """
+
+
+_ADVICE = (
+    "On a dissipative problem, lower the coupling towards exp(-h * rate) for the "
+    "step h and the fastest decay rate (e.g. `Reversible(solver, coupling=0.9)` "
+    "for h * rate = 0.1), together with `ReversibleAdjoint(checkpoint_every=k)` "
+    "to bound the reconstruction error that a smaller coupling amplifies; or use "
+    "an adaptive step size controller (whose error estimate sees the mode), or a "
+    "smaller step."
+)
+_WARNING = (
+    "ReversibleAdjoint: the two states of the reversible solver ended a relative "
+    "{offset:.2e} apart (above {tol:.1e}): its parasitic mode grew, and the solution "
+    "may be off from the base solver's by about as much. " + _ADVICE + " Pass "
+    "`parasitic_tol=<float>` to raise an error instead, or `parasitic_tol=None` to "
+    "switch this check off. (Shown once per compilation.)"
+)
+_ERROR = (
+    "ReversibleAdjoint: the two states of the reversible solver ended a relative "
+    "{offset:.2e} apart, above parasitic_tol={tol}: its parasitic mode grew, and the "
+    "solution is off from the base solver's by about as much. " + _ADVICE
+)
+
+
+def parasitic_offset(solver: Any, y: PyTree, solver_state: PyTree) -> Any:
+    """`sol.stats["parasitic_offset"]`, or None for solvers without a second
+    state."""
+    second_state = getattr(solver, "second_state", None)
+    z = None if second_state is None else second_state(y, solver_state)
+    if z is None:
+        return None
+    return lax.stop_gradient(relative_drift(z, y))
+
+
+class _Report:
+    """Host side: warn once per trace (so once per compilation), or raise."""
+
+    def __init__(self, tol: float, raise_error: bool):
+        self.tol = tol
+        self.raise_error = raise_error
+        self.warned = False
+
+    def __call__(self, outputs: PyTree, offset: np.ndarray) -> PyTree:
+        worst = float(np.max(np.where(np.isnan(offset), np.inf, offset)))
+        if worst <= self.tol:
+            return outputs
+        if self.raise_error:
+            raise RuntimeError(_ERROR.format(offset=worst, tol=self.tol))
+        if not self.warned:
+            self.warned = True
+            message = _WARNING.format(offset=worst, tol=self.tol)
+            warnings.warn(message, ParasiticModeWarning, stacklevel=2)
+        return outputs
+
+
+def check_parasitic(
+    outputs: PyTree,
+    offset: Float[Array, ""],
+    parasitic_tol: float | Literal["auto"] | None,
+) -> PyTree:
+    """Warn (`"auto"`) or raise (a float) on the host when `offset` exceeds the
+    tolerance. The outputs of the solve pass through the host callback, under a
+    `cond` taken only then, so that the check runs whichever outputs are used and a
+    solve within tolerance costs one comparison (`drift.on_host_if`)."""
+    if parasitic_tol is None:
+        return outputs
+    auto = isinstance(parasitic_tol, str)
+    tol = AUTO_PARASITIC_TOL if auto else float(parasitic_tol)
+    return on_host_if(outputs, offset, tol, _Report(tol, raise_error=not auto))
