@@ -107,7 +107,9 @@ def adjoints(num_steps: int) -> dict[str, tuple[str, diffrax.AbstractAdjoint]]:
 
 
 def _solver(work: Workload, kind: str) -> diffrax.AbstractSolver:
-    return revdiffrax.Reversible(work.base) if kind == "reversible" else work.base
+    if kind != "reversible":
+        return work.base
+    return revdiffrax.Reversible(work.base, integrated=work.integrated)
 
 
 def _available_bytes() -> int | None:

@@ -13,6 +13,9 @@ solve (the documented revdiffrax usage).
 - `CNF Midpoint`, `CNF RK4`, `CNF Dopri5`: the two-moons continuous normalising flow
   (FFJORD state (x, delta log p), batch 1000 inside the state, concat-squash MLP
   2-128-128-128-2, tanh, exact trace), float32, t in [0, 1], N=100;
+- `CNF Midpoint integrated`: the same, with the reversible adjoints through
+  `Reversible(Midpoint(), integrated=(False, True))` (the log-density advanced
+  without coupling, its trace evaluated once per step instead of twice);
 - `CDE`: a neural CDE of the published size (hidden 32, vector field MLP width 32
   depth 4, softplus, tanh output) on the cubic-Hermite interpolation of irregularly
   sampled 3-channel spirals (`experiments.neural_cde.make_spirals`), batch 32 by
@@ -51,6 +54,8 @@ class Workload:
     dtype: Any
     # (model, data, solver, adjoint, workload) -> scalar loss
     loss_fn: Callable[..., jax.Array]
+    # `Reversible(base, integrated=...)` for the reversible adjoints (None: none).
+    integrated: Any = None
 
     @property
     def slug(self) -> str:
@@ -207,21 +212,30 @@ def _cnf_loss(model, y0, solver, adjoint, work):
     return -jnp.mean(log_normal - delta_logp)
 
 
-def cnf(base: diffrax.AbstractSolver, quick: bool) -> Workload:
+def cnf(
+    base: diffrax.AbstractSolver, quick: bool, integrated: bool = False
+) -> Workload:
     batch, width = (64, 16) if quick else (1000, 128)
     model = CNF((2, width, width, width, 2), jax.random.PRNGKey(0))
     x0 = jnp.asarray(two_moons(batch))
+    suffix = " integrated" if integrated else ""
     return Workload(
-        f"CNF {type(base).__name__}",
+        f"CNF {type(base).__name__}{suffix}",
         f"two-moons CNF, batch {batch} inside the state, concat-squash MLP "
         f"2-{width}-{width}-{width}-2, tanh, exact trace, {type(base).__name__}, "
-        "float32",
+        "float32"
+        + (
+            ", reversible through `Reversible(base, integrated=(False, True))`"
+            if integrated
+            else ""
+        ),
         model,
         (x0, jnp.zeros(batch, jnp.float32)),
         base,
         10 if quick else 100,
         jnp.float32,
         _cnf_loss,
+        (False, True) if integrated else None,
     )
 
 
@@ -356,6 +370,7 @@ def workloads(quick: bool) -> dict[str, Callable[[], Workload]]:
         "CDE": lambda: neural_cde(quick),
         "PDE": lambda: neural_pde(quick),
         "CNF Midpoint": lambda: cnf(diffrax.Midpoint(), quick),
+        "CNF Midpoint integrated": lambda: cnf(diffrax.Midpoint(), quick, True),
         "CNF RK4": lambda: cnf(RK4(), quick),
         "CNF Dopri5": lambda: cnf(diffrax.Dopri5(), quick),
     }
