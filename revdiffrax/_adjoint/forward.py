@@ -22,7 +22,7 @@ from .checkpoints import (
 from .jumps import empty_jump_records, JumpRecords, record_jump
 from .parasitic import check_parasitic, parasitic_offset
 from .saveat import replace_fns, replace_ts
-from .step_times import needs_recording
+from .step_times import needs_recording, T1Coefficients
 
 
 inner_loop = jax.named_call(while_loop, name="inner-loop")
@@ -58,6 +58,9 @@ class Residuals(eqx.Module):
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
     jumps: JumpRecords | None  # the solver states discarded by jumps (`jumps.py`)
+    # d t_{n+1} / d t1 per accepted step (`T1Coefficients`), when times are
+    # differentiated under an adaptive controller.
+    t1_coefficients: Float[Array, " max_steps"] | None = None
 
 
 def _record_nothing(t, y, args):
@@ -102,10 +105,20 @@ def _outer_loop(
     jump_states: bool,
     out: dict,
     axes: frozenset,
+    t1: Any = None,
 ):
-    """diffrax's outer loop, recording checkpoints (every `every` accepted steps)
-    and the solver states discarded by jumps, into `out`."""
+    """diffrax's outer loop, recording checkpoints (every `every` accepted steps),
+    the solver states discarded by jumps and (given `t1`) the dependence of the
+    step times on `t1`, into `out`."""
     recorders, names = [], []
+    if t1 is not None:
+        names.append("t1_coefficients")
+        recorders.append(
+            (
+                T1Coefficients.start(init_state, t1, max_steps),
+                lambda state, new, c: c.update(state, new, t1),
+            )
+        )
     count = num_checkpoints(every, max_steps)
     if count > 0 and every is not None:
         template = (init_state.y, init_state.solver_state)
@@ -145,10 +158,12 @@ def forward(
     saveat: diffrax.SaveAt,
     max_steps: int,
     with_checkpoints: bool,
+    diff_times: bool = False,
     **loop_kwargs,
 ) -> tuple[tuple[Any, Any], Residuals]:
     """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
-    residuals of the backward pass."""
+    residuals of the backward pass. `diff_times`: whether `t0`, `t1` or `dt0` will
+    be differentiated."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
@@ -184,6 +199,7 @@ def forward(
         jump_states=not loop_kwargs["solver"].reversible_across_jumps,
         out=out,
         axes=axes,
+        t1=inputs.t1 if record and diff_times else None,
     )
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
@@ -217,5 +233,8 @@ def forward(
         num_steps=final_state.num_accepted_steps,
         checkpoints=out.get("checkpoints"),
         jumps=out.get("jumps"),
+        t1_coefficients=None
+        if out.get("t1_coefficients") is None
+        else out["t1_coefficients"].ends,
     )
     return (final_state, aux_stats), residuals

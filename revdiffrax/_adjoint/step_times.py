@@ -33,6 +33,44 @@ def clip_floor(t1: Real[Array, ""]) -> Real[Array, ""]:
     return floor
 
 
+class T1Coefficients(eqx.Module):
+    r"""$\partial t / \partial t_1$ of diffrax's `tprev` and `tnext` while the loop
+    runs, and of the end of every accepted step.
+
+    An adaptive controller proposes `tnext = tprev' + f (tnext - tprev)` from the
+    attempted step, with a stop-gradiented factor f, and diffrax clips a proposal
+    that reaches `t1` to `t1`. So once an attempted step that was clipped to `t1` is
+    rejected, every later step time depends on `t1` (with coefficient f, then its
+    successors'). Tracked forward, with f read off the times themselves; only when
+    a time input is differentiated (`forward`).
+    """
+
+    prev: Float[Array, ""]
+    next: Float[Array, ""]
+    ends: Float[Array, " max_steps"]  # of accepted steps 0, 1, ...
+
+    @classmethod
+    def start(cls, init_state, t1, max_steps: int) -> "T1Coefficients":
+        dtype = jnp.result_type(init_state.tnext)
+        hit = jnp.where(init_state.tnext == t1, 1.0, 0.0).astype(dtype)
+        return cls(jnp.zeros((), dtype), hit, jnp.zeros(max_steps, dtype))
+
+    def update(self, state, new_state, t1) -> "T1Coefficients":
+        """After one iteration of diffrax's loop (`state` -> `new_state`)."""
+        accepted = new_state.num_accepted_steps > state.num_accepted_steps
+        prev = jnp.where(accepted, self.next, self.prev)
+        attempted = state.tnext - state.tprev
+        factor = (new_state.tnext - new_state.tprev) / jnp.where(
+            attempted == 0, 1, attempted
+        )
+        next_ = prev + factor * (self.next - self.prev)
+        next_ = jnp.where(new_state.tnext == t1, 1, next_).astype(self.next.dtype)
+        # Out of range (so dropped) unless the step was accepted: no copy of `ends`.
+        index = jnp.where(accepted, state.num_accepted_steps, self.ends.shape[0])
+        ends = self.ends.at[index].set(self.next, mode="drop")
+        return T1Coefficients(prev, next_, ends)
+
+
 class StepTimes(eqx.Module):
     r"""The recorded step times of the forward solve, and their dependence on
     `(t0, t1, dt0)`.
@@ -45,12 +83,15 @@ class StepTimes(eqx.Module):
     - `ConstantStepSize`: $t_1 = t_0 + dt_0$ and $t_n = t_0 + (t_1 - t_0) n / N$ for
       $n \ge 2$, with $N = \lceil (t_1 - t_0) / dt_0 \rceil$ (diffrax 0.7.2 splits the
       interval uniformly after the first step);
-    - adaptive controllers: every step size is the previous one times a
-      stop-gradiented factor, so $t_n = t_0 + dt_0 S_n$ with $S_n$ constant, i.e.
-      $\partial t_n / \partial t_0 = 1$ and
-      $\partial t_n / \partial dt_0 = (t_n - t_0) / dt_0$. (Exact unless steps were
-      clipped by `dtmin`, `dtmax`, `step_ts` or `jump_ts`; with `dt0=None` the first
-      step is stop-gradiented by diffrax and only the first term remains.)
+    - adaptive controllers: every step size is the previous attempted one times a
+      stop-gradiented factor, and a proposal reaching `t1` is clipped to it, so
+      $t_n$ is linear in $(t_0, t_1, dt_0)$, translation invariant and homogeneous:
+      with $c_1 = \partial t_n / \partial t_1$ (zero unless a step clipped to `t1`
+      was rejected; tracked by `T1Coefficients`), $\partial t_n / \partial t_0 =
+      1 - c_1$ and $\partial t_n / \partial dt_0 = (t_n - (1 - c_1) t_0 - c_1 t_1)
+      / dt_0$ (Euler's theorem). (Exact unless steps were clipped by `dtmin`,
+      `dtmax`, `step_ts` or `jump_ts`; with `dt0=None` the first step is
+      stop-gradiented by diffrax and the last term is zero.)
     - `StepTo`: $t_n$ are the user's times, $t_0$ = `t0` and $t_N$ = `t1`.
 
     Only adaptive controllers need the recorded buffer. The times of the other two
@@ -71,6 +112,9 @@ class StepTimes(eqx.Module):
     # With `jump_ts`: the steps that end at a jump, and their ends (`jumps.py`).
     jump_end_steps: Int[Array, " jumps"] | None = None
     jump_ends: Real[Array, " jumps"] | None = None
+    # d t_{n+1} / d t1 for adaptive controllers (`T1Coefficients.ends`), recorded
+    # when a time input is differentiated.
+    t1_coefficients: Float[Array, " max_steps"] | None = None
 
     def end(self, m: Int[Array, ""]) -> Real[Array, ""]:
         """The end of step m: t_{m+1}, the start of the next step, unless step m ends
@@ -133,6 +177,16 @@ class StepTimes(eqx.Module):
             return c0, c1, zero
         c0 = jnp.where(is_last, 0.0, 1.0).astype(dtype)
         c1 = jnp.where(is_last, 1.0, 0.0).astype(dtype)
+        if self.kind == "adaptive" and self.t1_coefficients is not None:
+            size = self.t1_coefficients.shape[0]
+            c1 = self.t1_coefficients[jnp.clip(n - 1, 0, size - 1)]
+            c1 = jnp.where(is_first, 0.0, c1).astype(dtype)
+            c0 = 1 - c1
+            if self.dt0 is None:
+                return c0, c1, zero
+            safe_dt0 = jnp.where(self.dt0 == 0, 1, self.dt0)
+            c_dt = (self[n] - c0 * self.t0 - c1 * self.t1) / safe_dt0
+            return c0, c1, jnp.where(is_last, 0.0, c_dt).astype(dtype)
         if self.kind == "constant":
             frac = n.astype(dtype) / jnp.maximum(num_steps, 1).astype(dtype)
             uniform = (n >= 2) & ~is_last

@@ -2,6 +2,7 @@
 out; and the refusal of higher-order derivatives."""
 
 import equinox as eqx
+import jax.tree_util as jtu
 
 from .backward import backward
 from .forward import DiffInputs, forward
@@ -26,8 +27,10 @@ def loop_reversible(inputs: DiffInputs, **kwargs):
 
 @loop_reversible.def_fwd
 def _loop_reversible_fwd(perturbed, inputs: DiffInputs, **kwargs):
-    del perturbed
-    out, residuals = forward(inputs, with_checkpoints=True, **kwargs)
+    diff_times = any(jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.dt0)))
+    out, residuals = forward(
+        inputs, with_checkpoints=True, diff_times=diff_times, **kwargs
+    )
     return out, residuals
 
 
