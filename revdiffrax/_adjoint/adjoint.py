@@ -15,6 +15,8 @@ from .._varying import make_varying, varying_axes
 from .checks import check_inputs
 from .closure import convert_saveat, convert_terms
 from .continued import check_controller_state
+from .cotangents import save_states
+from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
 from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
@@ -160,6 +162,23 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
         fns = saveat_fns(saveat)
+        event_fns = None
+        if event is not None:
+            event_fns = convert_event(
+                event,
+                y0=y0,
+                args=args,
+                terms=terms,
+                solver=solver,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                saveat=saveat,
+                stepsize_controller=stepsize_controller,
+                max_steps=max_steps,
+            )
+            # The forward pass calls the converted conditions of `inputs`.
+            event = with_cond_fns(event, [None] * len(event_fns))
         # A passed solver state is an input (`continued.py`); one made by
         # `solver.init` is re-traced on the backward pass.
         solver_state0 = init_state.solver_state if passed_solver_state else None
@@ -173,6 +192,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             dt0=dt0,
             fns=fns,
             solver_state0=solver_state0,
+            event_fns=event_fns,
         )
         inputs = make_varying(inputs, axes)  # e.g. the closed-over constants
         # Everything the loop depends on other than `inputs` is a constant; the
@@ -205,6 +225,13 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             final_state.solver_state,
             is_leaf=_is_none,
         )
+        if event is not None:
+            # The event time is an output: the times saved at `t1`.
+            out = eqx.tree_at(
+                lambda s: [x.ts for x in save_states(s.save_state)],
+                out,
+                [x.ts for x in save_states(final_state.save_state)],
+            )
         return out, aux_stats
 
 

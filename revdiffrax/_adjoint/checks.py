@@ -9,6 +9,7 @@ from diffrax._heuristics import is_unsafe_sde
 from jaxtyping import PyTree
 
 from .._solver import AbstractReversibleSolver
+from .events import check_event
 from .saveat import subsaveats
 
 
@@ -30,14 +31,6 @@ def check_max_steps(max_steps: int | None) -> None:
             "`ReversibleAdjoint` records one time per accepted step in a buffer of "
             "length `max_steps`, so it needs a finite bound: pass e.g. "
             "`diffeqsolve(..., max_steps=4096)`."
-        )
-
-
-def check_event(event: diffrax.Event | None) -> None:
-    if event is not None:
-        raise NotImplementedError(
-            "`ReversibleAdjoint` does not support events. Remove `event=...`, or use "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
 
 
@@ -88,7 +81,7 @@ def check_inputs(
     """Raise a clear error for every input `ReversibleAdjoint` cannot handle."""
     check_solver(solver)
     check_max_steps(max_steps)
-    check_event(event)
+    check_event(event, terms, saveat)
     check_brownian_motion(terms)
     check_step_times(solver, stepsize_controller)
     check_saveat(saveat)

@@ -8,6 +8,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from diffrax._integrate import SaveState
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -19,8 +20,10 @@ from .checkpoints import (
     recording_outer_loop,
     write_checkpoint,
 )
+from .cotangents import save_states
+from .events import EventRecord, with_cond_fns
 from .jumps import empty_jump_records, JumpRecords, record_jump
-from .saveat import replace_fns, replace_ts
+from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import needs_recording
 
 
@@ -44,6 +47,8 @@ class DiffInputs(eqx.Module):
     fns: list
     # A `solver_state` passed to `diffeqsolve` (else None: made by `solver.init`).
     solver_state0: PyTree = None
+    # The closure-converted conditions of an `event` (`events.py`), else None.
+    event_fns: list | None = None
 
 
 class Residuals(eqx.Module):
@@ -57,6 +62,7 @@ class Residuals(eqx.Module):
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
     jumps: JumpRecords | None  # the solver states discarded by jumps (`jumps.py`)
+    event: EventRecord | None = None  # with `event=...` (`events.py`)
 
 
 def _record_nothing(t, y, args):
@@ -70,19 +76,45 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def _with_step_time_recording(init_state, max_steps: int):
-    """Add a second save state that records one time per accepted step."""
-    record_state = SaveState(
+def _record_state(init_state, size: int) -> SaveState:
+    return SaveState(
         saveat_ts_index=0,
-        ts=jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_state.tprev)),
+        ts=jnp.full(size, jnp.inf, dtype=jnp.result_type(init_state.tprev)),
         ys=None,
         save_index=0,
     )
-    return eqx.tree_at(
+
+
+def _with_recordings(init_state, saveat: diffrax.SaveAt, sizes: list[int]):
+    """Add save states that record times only: one time per accepted step
+    (`size = max_steps`, `SubSaveAt(steps=True)`) or the final time (`size = 1`,
+    `SubSaveAt(t1=True)`: the event time with a root finder)."""
+    records = tuple(_record_state(init_state, size) for size in sizes)
+    subs = tuple(
+        diffrax.SubSaveAt(steps=True, fn=_record_nothing)
+        if size > 1
+        else diffrax.SubSaveAt(t1=True, fn=_record_nothing)
+        for size in sizes
+    )
+    init_state = eqx.tree_at(
         lambda s: s.save_state,
         init_state,
-        (init_state.save_state, record_state),
+        (init_state.save_state, records),
         is_leaf=_is_none,
+    )
+    return init_state, diffrax.SaveAt(subs=(saveat.subs, subs))
+
+
+def _fix_recorded_steps(step_times, final_state):
+    """With a root-finding event, diffrax replaces the time saved after the last
+    step by the event time (and may save it once more after it): put back t_N,
+    which is still `final_state.tprev`."""
+    n = final_state.num_accepted_steps
+    index = jnp.arange(step_times.shape[0])
+    return jnp.where(
+        index < n - 1,
+        step_times,
+        jnp.where(index == n - 1, final_state.tprev, jnp.inf),
     )
 
 
@@ -155,12 +187,15 @@ def forward(
         init_state = eqx.tree_at(
             lambda s: s.solver_state, init_state, inputs.solver_state0
         )
+    user_subs = subsaveats(saveat)
+    event = loop_kwargs.get("event")
+    if event is not None:
+        loop_kwargs["event"] = with_cond_fns(event, inputs.event_fns)
     record = needs_recording(loop_kwargs["stepsize_controller"])
-    if record:
-        init_state = _with_step_time_recording(init_state, max_steps)
-        saveat = diffrax.SaveAt(
-            subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
-        )
+    record_root = event is not None and event.root_finder is not None
+    sizes = ([max_steps] if record else []) + ([1] if record_root else [])
+    if sizes:
+        init_state, saveat = _with_recordings(init_state, saveat, sizes)
     # Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
     # saving the (varying) solution and keeping its buffers, whose branches must
     # have equal types, so the save buffers (and our records) start as varying as
@@ -196,13 +231,29 @@ def forward(
         outer_while_loop=outer_while_loop,
         **loop_kwargs,
     )
-    step_times = None
-    if record:
-        user_save_state, record_state = final_state.save_state
+    step_times = t_event = None
+    if sizes:
+        user_save_state, record_states = final_state.save_state
         final_state = eqx.tree_at(
             lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
         )
-        step_times = record_state.ts
+        if record:
+            step_times = record_states[0].ts
+            if record_root:
+                step_times = _fix_recorded_steps(step_times, final_state)
+        if record_root:
+            t_event = record_states[-1].ts[0]
+    event_record = None
+    if event is not None:
+        event_record = EventRecord(
+            mask=jtu.tree_leaves(final_state.event_mask),
+            t_event=t_event,
+            ts_saved=[
+                s.saveat_ts_index
+                for s, sub in zip(save_states(final_state.save_state), user_subs)
+                if sub.ts is not None
+            ],
+        )
     residuals = Residuals(
         y=final_state.y,
         solver_state=final_state.solver_state,
@@ -210,5 +261,6 @@ def forward(
         num_steps=final_state.num_accepted_steps,
         checkpoints=out.get("checkpoints"),
         jumps=out.get("jumps"),
+        event=event_record,
     )
     return (final_state, aux_stats), residuals

@@ -71,6 +71,9 @@ class StepTimes(eqx.Module):
     # With `jump_ts`: the steps that end at a jump, and their ends (`jumps.py`).
     jump_end_steps: Int[Array, " jumps"] | None = None
     jump_ends: Real[Array, " jumps"] | None = None
+    # With an event, the solve may stop before `t1` (`events.py`): the last step
+    # then ends where the controller put it, not at `t1`.
+    may_stop_early: bool = eqx.field(default=False, static=True)
 
     def end(self, m: Int[Array, ""]) -> Real[Array, ""]:
         """The end of step m: t_{m+1}, the start of the next step, unless step m ends
@@ -126,6 +129,8 @@ class StepTimes(eqx.Module):
         num_steps = self.num_steps
         is_first = n == 0
         is_last = (n == num_steps) & (num_steps > 0)
+        if self.may_stop_early:
+            is_last = is_last & (self[n] == self.t1)
         zero = jnp.zeros((), dtype)
         if self.kind == "stepto":
             c0 = jnp.where(is_first, 1.0, 0.0).astype(dtype)
@@ -134,11 +139,23 @@ class StepTimes(eqx.Module):
         c0 = jnp.where(is_last, 0.0, 1.0).astype(dtype)
         c1 = jnp.where(is_last, 1.0, 0.0).astype(dtype)
         if self.kind == "constant":
-            frac = n.astype(dtype) / jnp.maximum(num_steps, 1).astype(dtype)
+            planned = num_steps
+            if self.may_stop_early:
+                assert self.dt0 is not None
+                planned = jnp.ceil(
+                    (self.t1 - self.t0) / eqxi.nextafter(self.dt0)
+                ).astype(jnp.int32)
+            frac = n.astype(dtype) / jnp.maximum(planned, 1).astype(dtype)
             uniform = (n >= 2) & ~is_last
             c0 = jnp.where(uniform, 1 - frac, c0)
             c1 = jnp.where(uniform, frac, c1)
             c_dt = jnp.where((n == 1) & ~is_last, 1.0, 0.0)
+            if self.may_stop_early:
+                # An infinite `t1` (`planned == -1`): t_n = t0 + n dt0.
+                infinite = planned < 0
+                c0 = jnp.where(infinite, 1.0, c0)
+                c1 = jnp.where(infinite, 0.0, c1)
+                c_dt = jnp.where(infinite, n.astype(dtype), c_dt)
             return c0.astype(dtype), c1.astype(dtype), c_dt.astype(dtype)
         if self.dt0 is None:
             c_dt = zero
