@@ -40,7 +40,7 @@ DRAG = 0.1
 def _vector_field(t, y, args):
     del t
     g, drag = args
-    height, velocity = y[0], y[1]
+    velocity = y[1]
     return jnp.stack([velocity, -g - drag * velocity * jnp.abs(velocity)])
 
 
@@ -95,7 +95,12 @@ def main(argv=None) -> dict:
     def loss_and_grad(log_g, name):
         t_star, dt = event_time_and_grad[name](log_g)
         scale = args.target**2
-        return (t_star - args.target) ** 2 / scale, 2 * (t_star - args.target) * dt / scale, t_star, dt
+        return (
+            (t_star - args.target) ** 2 / scale,
+            2 * (t_star - args.target) * dt / scale,
+            t_star,
+            dt,
+        )
 
     log_g = jnp.log(jnp.asarray(args.g0))
     print("| adjoint | t* | dt*/dg | d loss / d log g |")

@@ -26,8 +26,8 @@ from .cotangents import (
     zero_cotangent,
 )
 from .drift import relative_drift, report_drift
-from .forward import DiffInputs, Residuals
 from .events import add_saved_times, is_real, maybe_event_pullback
+from .forward import DiffInputs, Residuals
 from .jumps import jump_at
 from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import clip_floor, controller_kind, StepTimes
