@@ -71,7 +71,7 @@ def event_time(log_g, adjoint, *, rtol: float = 1e-7, max_steps: int = 1024):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Fit gravity to a first-passage time.")
     parser.add_argument("--target", type=float, default=0.5, help="target t*")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1.0)

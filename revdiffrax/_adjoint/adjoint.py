@@ -59,7 +59,11 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     Supports gradients with respect to `y0`, `args`, the `terms` (e.g. a neural
     network vector field), `t0`, `t1` and `SaveAt(ts=...)`; all step size
     controllers (with rejected steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
-    fn=...)`; `jax.jit` and `jax.vmap`. Only first derivatives in reverse mode: forward
+    fn=...)`; `jax.jit` and `jax.vmap`; terminating events on ODEs
+    (`event=diffrax.Event(...)`: boolean conditions, real-valued ones with a root
+    finder, whose event time `sol.ts[-1]` is differentiated by the implicit function
+    theorem, and several conditions at once; not on SDEs, nor with
+    `SaveAt(steps=...)`). Only first derivatives in reverse mode: forward
     mode (`jax.jvp`) and second derivatives (`jax.hessian`, `jax.grad` of `jax.grad`)
     raise an error that points to `diffrax.DirectAdjoint`.
 

@@ -201,7 +201,9 @@ class SavedOutputs(eqx.Module):
             slots.append(t1_output(sub, times.num_steps, saved))
         return slots
 
-    def at_final_step(self, times, y, args, y_bar, grads, ts_saved=None, skip=False):
+    def at_final_step(
+        self, times, y, args, y_bar, grads, ts_saved=None, skip: Any = False
+    ):
         """Outputs saved at t1 and after the last step, from y_N (not those at t1
         where `skip`: a root-found event time, `events.py`)."""
         n = times.num_steps

@@ -190,6 +190,7 @@ def forward(
     user_subs = subsaveats(saveat)
     event = loop_kwargs.get("event")
     if event is not None:
+        assert inputs.event_fns is not None
         loop_kwargs["event"] = with_cond_fns(event, inputs.event_fns)
     record = needs_recording(loop_kwargs["stepsize_controller"])
     record_root = event is not None and event.root_finder is not None
@@ -249,7 +250,7 @@ def forward(
             mask=jtu.tree_leaves(final_state.event_mask),
             t_event=t_event,
             ts_saved=[
-                s.saveat_ts_index
+                jnp.asarray(s.saveat_ts_index)
                 for s, sub in zip(save_states(final_state.save_state), user_subs)
                 if sub.ts is not None
             ],
