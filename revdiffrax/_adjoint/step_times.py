@@ -108,12 +108,19 @@ class StepTimes(eqx.Module):
             t = self.t0 + self.dt0
         return jnp.minimum(t, self.t1)
 
+    def _planned_steps(self) -> Int[Array, ""]:
+        """`ConstantStepSize`'s number of steps from t0 to t1, or -1 for an
+        infinite `t1` (as diffrax 0.7.2 marks it)."""
+        assert self.dt0 is not None
+        num = jnp.ceil((self.t1 - self.t0) / eqxi.nextafter(self.dt0))
+        return jnp.where(jnp.isfinite(self.t1), num.astype(jnp.int32), -1)
+
     def _constant(self, n: Int[Array, ""]) -> Real[Array, ""]:
         """t_n for n >= 2 under `ConstantStepSize`, as its `adapt_step_size` computes
         it (diffrax 0.7.2): a fraction of `t1 - t0`, `t1` on the last step."""
         assert self.dt0 is not None
         t0, t1 = self.t0, self.t1
-        num = jnp.ceil((t1 - t0) / eqxi.nextafter(self.dt0)).astype(jnp.int32)
+        num = self._planned_steps()
         dtype = jnp.result_type(t0, t1)
         t = t0 + (t1 - t0) * (n.astype(dtype) / num.astype(dtype))
         t = jnp.where(n == num, t1, t)
@@ -142,9 +149,7 @@ class StepTimes(eqx.Module):
             planned = num_steps
             if self.may_stop_early:
                 assert self.dt0 is not None
-                planned = jnp.ceil(
-                    (self.t1 - self.t0) / eqxi.nextafter(self.dt0)
-                ).astype(jnp.int32)
+                planned = self._planned_steps()
             frac = n.astype(dtype) / jnp.maximum(planned, 1).astype(dtype)
             uniform = (n >= 2) & ~is_last
             c0 = jnp.where(uniform, 1 - frac, c0)
