@@ -557,8 +557,11 @@ def test_errors_name_the_fix():
         _solve(diffrax.Tsit5())
     with pytest.raises(ValueError, match="max_steps=4096"):
         _solve(max_steps=None)
-    with pytest.raises(NotImplementedError, match="events"):
-        _solve(event=diffrax.Event(lambda t, y, args, **kw: t > 0.5))
+    with pytest.raises(NotImplementedError, match="SaveAt\\(steps"):
+        _solve(
+            event=diffrax.Event(lambda t, y, args, **kw: t > 0.5),
+            saveat=diffrax.SaveAt(steps=True),
+        )
     with pytest.raises(NotImplementedError, match="SaveAt\\(ts=...\\)"):
         _solve(saveat=diffrax.SaveAt(dense=True))
 

@@ -14,7 +14,8 @@ from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivate
 from .._varying import make_varying, varying_axes
 from .checks import check_inputs
 from .closure import convert_saveat, convert_terms
-from .continued import check_controller_state
+from .cotangents import save_states
+from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
 from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
@@ -26,6 +27,49 @@ def _is_none(x: Any) -> bool:
 
 def _stop_gradient(tree: Any) -> Any:
     return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+
+
+def _convert_event(
+    event, y0, args, terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps
+):
+    """The event with its conditions closure-converted (`events.py`): the converted
+    conditions travel in the inputs, the event the loop sees holds placeholders."""
+    if event is None:
+        return None, None
+    event_fns = convert_event(
+        event,
+        y0=y0,
+        args=args,
+        terms=terms,
+        solver=solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        saveat=saveat,
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
+    )
+    # The forward pass calls the converted conditions of `inputs`.
+    return with_cond_fns(event, [None] * len(event_fns)), event_fns
+
+
+def _differentiable_outputs(final_state, event):
+    """Outputs are differentiable through `ys`, for continuing a solve the final
+    solver state (`SaveAt(solver_state=True)`), and with an event the times saved
+    (the event time); the backward pass starts from their cotangents."""
+    out = eqx.tree_at(
+        lambda s: s.solver_state,
+        _only_transpose_ys(final_state),
+        final_state.solver_state,
+        is_leaf=_is_none,
+    )
+    if event is not None:
+        out = eqx.tree_at(
+            lambda s: [x.ts for x in save_states(s.save_state)],
+            out,
+            [x.ts for x in save_states(final_state.save_state)],
+        )
+    return out
 
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
@@ -57,7 +101,11 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     Supports gradients with respect to `y0`, `args`, the `terms` (e.g. a neural
     network vector field), `t0`, `t1` and `SaveAt(ts=...)`; all step size
     controllers (with rejected steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
-    fn=...)`; `jax.jit` and `jax.vmap`. Only first derivatives in reverse mode: forward
+    fn=...)`; `jax.jit` and `jax.vmap`; terminating events on ODEs
+    (`event=diffrax.Event(...)`: boolean conditions, real-valued ones with a root
+    finder, whose event time `sol.ts[-1]` is differentiated by the implicit function
+    theorem, and several conditions at once; not on SDEs, nor with
+    `SaveAt(steps=...)`). Only first derivatives in reverse mode: forward
     mode (`jax.jvp`) and second derivatives (`jax.hessian`, `jax.grad` of `jax.grad`)
     raise an error that points to `diffrax.DirectAdjoint`.
 
@@ -150,8 +198,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         progress_meter,
     ):
         del throw
-        check_controller_state(stepsize_controller, passed_controller_state)
         check_inputs(
+            passed_controller_state=passed_controller_state,
             solver=solver,
             terms=terms,
             event=event,
@@ -159,12 +207,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             stepsize_controller=stepsize_controller,
             saveat=saveat,
         )
-        # Inside `jax.shard_map`: every input varies over the mesh axes that any of
-        # them varies over, so that the loop carries built from them keep their
-        # types (`revdiffrax/_varying.py`); before the closure conversion, which
-        # traces the vector fields with these types. JAX's autodiff sums the
-        # cotangents of replicated inputs over the devices (the transpose of the
-        # cast).
+        # Inside `jax.shard_map` every input varies over the mesh axes any of them
+        # does, so that loop carries keep their types (`_varying.py`); before the
+        # closure conversion, which traces the vector fields with these types.
         axes = varying_axes((init_state, args, terms, saveat, stepsize_controller))
         diff = (init_state.y, args, terms, saveat, t0, t1, dt0)
         y0, args, terms, saveat, t0, t1, dt0 = make_varying(diff, axes)
@@ -172,6 +217,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
         fns = saveat_fns(saveat)
+        problem = (y0, args, terms, solver, t0, t1, dt0, saveat, stepsize_controller)
+        event, event_fns = _convert_event(event, *problem, max_steps)
         # A passed solver state is an input (`continued.py`); one made by
         # `solver.init` is re-traced on the backward pass.
         solver_state0 = init_state.solver_state if passed_solver_state else None
@@ -185,6 +232,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             dt0=dt0,
             fns=fns,
             solver_state0=solver_state0,
+            event_fns=event_fns,
         )
         inputs = make_varying(inputs, axes)  # e.g. the closed-over constants
         # Everything the loop depends on other than `inputs` is a constant; the
@@ -208,15 +256,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
         )
-        # Outputs are differentiable through `ys` and, for continuing a solve, the
-        # final solver state (`SaveAt(solver_state=True)`); the backward pass starts
-        # from their cotangents.
-        out = eqx.tree_at(
-            lambda s: s.solver_state,
-            _only_transpose_ys(final_state),
-            final_state.solver_state,
-            is_leaf=_is_none,
-        )
+        out = _differentiable_outputs(final_state, event)
         return out, aux_stats
 
 

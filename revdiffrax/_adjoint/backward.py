@@ -21,10 +21,12 @@ from .cotangents import (
     InputCotangents,
     materialise,
     output_cotangents,
+    output_ts_cotangents,
     SavedOutputs,
     zero_cotangent,
 )
 from .drift import relative_drift, report_drift
+from .events import add_saved_times, is_real, maybe_event_pullback
 from .forward import DiffInputs, Residuals
 from .jumps import jump_at
 from .saveat import replace_fns, replace_ts, subsaveats
@@ -55,6 +57,10 @@ class _Backward(eqx.Module):
     made_jump0: PyTree  # the `made_jump` flag of the first step
     checkpoint_every: int | None = eqx.field(static=True)
     diff_times: bool = eqx.field(static=True)
+    # With `event=...` (`events.py`): the cotangents of the saved times, and
+    # whether each condition is real-valued.
+    ts_bars: list | None = None
+    event_real: tuple[bool, ...] = eqx.field(default=(), static=True)
 
     def reverse_step(self, carry: _Carry, stand_in: KnownStart | None = None) -> _Carry:
         """Undo step m = n - 1 and pull the cotangents back through it (with
@@ -143,19 +149,59 @@ class _Backward(eqx.Module):
         function that pulls the outputs interpolated in step m back to the step's
         dense information (only then is the dense information computed and
         differentiated)."""
-        if not any(sub.ts is not None for sub in self.outputs.subs):
+        has_ts = any(sub.ts is not None for sub in self.outputs.subs)
+        event = self.residuals.event
+        root = event is not None and event.t_event is not None
+        if not (has_ts or root):
             return None
+        times, args = self.times, self.inputs.args
+        interpolation_cls = self.solver.interpolation_cls
 
         def dense_cotangent(dense_info):
-            dense_info_bar, ts_left, grads, args_bar = self.outputs.in_step(
-                self.times,
-                m,
-                dense_info,
-                self.solver.interpolation_cls,
-                self.inputs.args,
-                carry.ts_left,
-                carry.grads,
-            )
+            if has_ts:
+                dense_info_bar, ts_left, grads, args_bar = self.outputs.in_step(
+                    times,
+                    m,
+                    dense_info,
+                    interpolation_cls,
+                    args,
+                    carry.ts_left,
+                    carry.grads,
+                )
+            else:
+                dense_info_bar, ts_left, grads, args_bar = (
+                    zero_cotangent(dense_info),
+                    carry.ts_left,
+                    carry.grads,
+                    zero_cotangent(args),
+                )
+            if root:
+                assert event is not None and self.ts_bars is not None
+                is_last = (m == times.num_steps - 1) & event.root_happened()
+                slots = self.outputs.t1_slots(times, event.ts_saved)
+                d_bar, ta_bar, tb_bar, args_bar_, conds_bar, fns_bar = (
+                    maybe_event_pullback(
+                        is_last,
+                        event,
+                        self.inputs.event_fns,
+                        list(self.event_real),
+                        self.outputs,
+                        slots,
+                        self.ts_bars,
+                        interpolation_cls,
+                        dense_info,
+                        times[m],
+                        times.end(m),
+                        args,
+                    )
+                )
+                dense_info_bar = add(dense_info_bar, d_bar)
+                args_bar = add(args_bar, args_bar_)
+                grads = grads.add_time(times, m, ta_bar)
+                grads = grads.add_time(times, m + 1, tb_bar)
+                grads = grads.add_events(conds_bar)
+                for j, fn_bar in fns_bar.items():
+                    grads = grads.add_fn(j, fn_bar)
             return dense_info_bar, (ts_left, grads, args_bar)
 
         return dense_cotangent
@@ -165,11 +211,31 @@ class _Backward(eqx.Module):
         final solver state (`SaveAt(solver_state=True)`)."""
         inputs, residuals = self.inputs, self.residuals
         grads = InputCotangents.zeros(
-            (inputs.terms, inputs.args), inputs.t0, inputs.ts, inputs.fns
+            (inputs.terms, inputs.args),
+            inputs.t0,
+            inputs.ts,
+            inputs.fns,
+            inputs.event_fns,
         )
+        event = residuals.event
+        ts_saved = None if event is None else event.ts_saved
         y_bar, grads = self.outputs.at_final_step(
-            self.times, residuals.y, inputs.args, zero_cotangent(residuals.y), grads
+            self.times,
+            residuals.y,
+            inputs.args,
+            zero_cotangent(residuals.y),
+            grads,
+            ts_saved,
+            False if event is None else event.root_happened(),
         )
+        ts_left = [jnp.asarray(len(ts), dtype=jnp.int32) for ts in inputs.ts]
+        if event is not None:
+            assert self.ts_bars is not None
+            ts_left = [jnp.asarray(k, dtype=jnp.int32) for k in event.ts_saved]
+            slots = self.outputs.t1_slots(self.times, ts_saved)
+            grads = add_saved_times(
+                self.outputs, slots, self.ts_bars, event, self.times, grads
+            )
         return _Carry(
             n=residuals.num_steps,
             y=residuals.y,
@@ -177,7 +243,7 @@ class _Backward(eqx.Module):
             y_bar=y_bar,
             solver_state_bar=materialise(solver_state_bar, residuals.solver_state),
             grads=grads,
-            ts_left=[jnp.asarray(len(ts), dtype=jnp.int32) for ts in inputs.ts],
+            ts_left=ts_left,
             drift=relative_drift(inputs.y0, inputs.y0),  # zero, of the right dtype
         )
 
@@ -254,6 +320,18 @@ def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTim
         jump_end_steps=None if jumps is None else jumps.end_steps,
         jump_ends=None if jumps is None else jumps.ends,
         t1_coefficients=residuals.t1_coefficients,
+        may_stop_early=residuals.event is not None,
+    )
+
+
+def _event_fields(residuals, grad_final_state, init_state, inputs) -> dict:
+    if residuals.event is None:
+        return {}
+    t, y = inputs.t0, inputs.y0
+    real = tuple(is_real(fn, t, y, inputs.args) for fn in inputs.event_fns)
+    return dict(
+        ts_bars=output_ts_cotangents(grad_final_state, init_state),
+        event_real=real,
     )
 
 
@@ -295,6 +373,7 @@ def backward(
         made_jump0=init_state.made_jump,
         checkpoint_every=adjoint.checkpoint_every,
         diff_times=diff_times,
+        **_event_fields(residuals, grad_final_state, init_state, inputs),
     )
     final_bar = None if grad_final_state is None else grad_final_state.solver_state
     carry = _run(bwd, final_bar)
@@ -322,5 +401,6 @@ def backward(
         dt0=dt0_bar,
         fns=grads.fns,
         solver_state0=solver_state0_bar,
+        event_fns=grads.events,
     )
     return report_drift(cotangents, drift, adjoint.drift_tol, adjoint.drift_callback)

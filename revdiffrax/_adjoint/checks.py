@@ -9,6 +9,8 @@ from diffrax._heuristics import is_unsafe_sde
 from jaxtyping import PyTree
 
 from .._solver import AbstractReversibleSolver
+from .continued import check_controller_state
+from .events import check_event
 from .saveat import subsaveats
 
 
@@ -30,14 +32,6 @@ def check_max_steps(max_steps: int | None) -> None:
             "`ReversibleAdjoint` records one time per accepted step in a buffer of "
             "length `max_steps`, so it needs a finite bound: pass e.g. "
             "`diffeqsolve(..., max_steps=4096)`."
-        )
-
-
-def check_event(event: diffrax.Event | None) -> None:
-    if event is not None:
-        raise NotImplementedError(
-            "`ReversibleAdjoint` does not support events. Remove `event=...`, or use "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
 
 
@@ -83,12 +77,20 @@ def check_saveat(saveat: diffrax.SaveAt) -> None:
 
 
 def check_inputs(
-    *, solver, terms, event, max_steps, stepsize_controller, saveat
+    *,
+    solver,
+    terms,
+    event,
+    max_steps,
+    stepsize_controller,
+    saveat,
+    passed_controller_state: bool = False,
 ) -> None:
     """Raise a clear error for every input `ReversibleAdjoint` cannot handle."""
+    check_controller_state(stepsize_controller, passed_controller_state)
     check_solver(solver)
     check_max_steps(max_steps)
-    check_event(event)
+    check_event(event, terms, saveat)
     check_brownian_motion(terms)
     check_step_times(solver, stepsize_controller)
     check_saveat(saveat)

@@ -51,10 +51,11 @@ class InputCotangents(eqx.Module):
     dt0: Real[Array, ""]
     ts: list[Array]  # one per `SubSaveAt` with `ts`
     fns: list[PyTree]  # one per `SubSaveAt`: of what its `fn` closes over
+    events: PyTree = None  # of what the event conditions close over (`events.py`)
 
     @classmethod
     def zeros(
-        cls, params: PyTree, t0: Any, ts: list[Array], fns: list
+        cls, params: PyTree, t0: Any, ts: list[Array], fns: list, events: Any = None
     ) -> "InputCotangents":
         zero = jnp.zeros((), jnp.result_type(t0))
         return cls(
@@ -64,6 +65,12 @@ class InputCotangents(eqx.Module):
             zero,
             [jnp.zeros_like(x) for x in ts],
             [zero_cotangent(fn) for fn in fns],
+            zero_cotangent(events),
+        )
+
+    def add_events(self, events_bar: PyTree) -> "InputCotangents":
+        return eqx.tree_at(
+            lambda g: g.events, self, add(self.events, events_bar), is_leaf=_is_none
         )
 
     def add_fn(self, j: int, fn_bar: PyTree) -> "InputCotangents":
@@ -92,11 +99,15 @@ class InputCotangents(eqx.Module):
         )
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
 def _is_save_state(x: Any) -> bool:
     return isinstance(x, SaveState)
 
 
-def _save_states(tree: Any) -> list[SaveState]:
+def save_states(tree: Any) -> list[SaveState]:
     leaves = jtu.tree_leaves(tree, is_leaf=_is_save_state)
     return [s for s in leaves if _is_save_state(s)]
 
@@ -105,16 +116,31 @@ def output_cotangents(grad_final_state: Any, init_state: Any) -> list[PyTree[Arr
     """The cotangent of each `SubSaveAt`'s output buffer, zeros where an output was
     not differentiated. The forward pass allocated the buffers in `init_state`, so
     their shapes are known even then."""
-    buffers = [s.ys for s in _save_states(init_state.save_state)]
+    buffers = [s.ys for s in save_states(init_state.save_state)]
     if grad_final_state is None:
         bars = []
     else:
-        bars = [s.ys for s in _save_states(grad_final_state.save_state)]
+        bars = [s.ys for s in save_states(grad_final_state.save_state)]
     if len(bars) == 0:
         bars = [None] * len(buffers)
     return [
         jtu.tree_map(jnp.zeros_like, ys) if bar is None else materialise(bar, ys)
         for ys, bar in zip(buffers, bars)
+    ]
+
+
+def output_ts_cotangents(grad_final_state: Any, init_state: Any) -> list[Array]:
+    """The cotangent of each `SubSaveAt`'s saved times (`sol.ts`), zeros where
+    they were not differentiated."""
+    buffers = [s.ts for s in save_states(init_state.save_state)]
+    if grad_final_state is None:
+        bars = [None] * len(buffers)
+    else:
+        bars = [s.ts for s in save_states(grad_final_state.save_state)]
+        if len(bars) == 0:
+            bars = [None] * len(buffers)
+    return [
+        jnp.zeros_like(ts) if bar is None else bar for ts, bar in zip(buffers, bars)
     ]
 
 
@@ -163,15 +189,32 @@ class SavedOutputs(eqx.Module):
         triples = [(j, s, b) for j, (s, b) in subs if s.ts is not None]
         return [(i, j, s, b) for i, (j, s, b) in enumerate(triples)]
 
-    def at_final_step(self, times, y, args, y_bar, grads):
-        """Outputs saved at t1 and after the last step, from y_N."""
+    def t1_slots(self, times, ts_saved):
+        """`(index, pred)` of each sub's output at `t1` (`t1_output`); after an
+        event, `ts_saved` counts the `ts` of each sub with `ts` that were saved
+        (else None: all of them)."""
+        slots, i = [], 0
+        for sub in self.subs:
+            saved = None
+            if sub.ts is not None and ts_saved is not None:
+                saved, i = ts_saved[i], i + 1
+            slots.append(t1_output(sub, times.num_steps, saved))
+        return slots
+
+    def at_final_step(
+        self, times, y, args, y_bar, grads, ts_saved=None, skip: Any = False
+    ):
+        """Outputs saved at t1 and after the last step, from y_N (not those at t1
+        where `skip`: a root-found event time, `events.py`)."""
         n = times.num_steps
+        slots = self.t1_slots(times, ts_saved)
         for j, (sub, bar) in enumerate(zip(self.subs, self.bars)):
             leaves = jtu.tree_leaves(bar)
             size = leaves[0].shape[0] if leaves else 0
             if size == 0:
                 continue
-            index, pred = t1_output(sub, n)
+            index, pred = slots[j]
+            pred = pred & jnp.logical_not(skip)
             cotangent = select(bar, jnp.minimum(index, size - 1), pred)
             y_bar, grads = pull_back_save(
                 sub, j, cotangent, times, n, y, args, y_bar, grads

@@ -8,6 +8,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from diffrax._integrate import SaveState
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -19,9 +20,11 @@ from .checkpoints import (
     recording_outer_loop,
     write_checkpoint,
 )
+from .cotangents import save_states
+from .events import EventRecord, with_cond_fns
 from .jumps import empty_jump_records, JumpRecords, record_jump
 from .parasitic import check_parasitic, parasitic_offset
-from .saveat import replace_fns, replace_ts
+from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import needs_recording, T1Coefficients
 
 
@@ -45,6 +48,8 @@ class DiffInputs(eqx.Module):
     fns: list
     # A `solver_state` passed to `diffeqsolve` (else None: made by `solver.init`).
     solver_state0: PyTree = None
+    # The closure-converted conditions of an `event` (`events.py`), else None.
+    event_fns: list | None = None
 
 
 class Residuals(eqx.Module):
@@ -61,6 +66,7 @@ class Residuals(eqx.Module):
     # d t_{n+1} / d t1 per accepted step (`T1Coefficients`), when times are
     # differentiated under an adaptive controller.
     t1_coefficients: Float[Array, " max_steps"] | None = None
+    event: EventRecord | None = None  # with `event=...` (`events.py`)
 
 
 def _record_nothing(t, y, args):
@@ -74,19 +80,45 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def _with_step_time_recording(init_state, max_steps: int):
-    """Add a second save state that records one time per accepted step."""
-    record_state = SaveState(
+def _record_state(init_state, size: int) -> SaveState:
+    return SaveState(
         saveat_ts_index=0,
-        ts=jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_state.tprev)),
+        ts=jnp.full(size, jnp.inf, dtype=jnp.result_type(init_state.tprev)),
         ys=None,
         save_index=0,
     )
-    return eqx.tree_at(
+
+
+def _with_recordings(init_state, saveat: diffrax.SaveAt, sizes: list[int]):
+    """Add save states that record times only: one time per accepted step
+    (`size = max_steps`, `SubSaveAt(steps=True)`) or the final time (`size = 1`,
+    `SubSaveAt(t1=True)`: the event time with a root finder)."""
+    records = tuple(_record_state(init_state, size) for size in sizes)
+    subs = tuple(
+        diffrax.SubSaveAt(steps=True, fn=_record_nothing)
+        if size > 1
+        else diffrax.SubSaveAt(t1=True, fn=_record_nothing)
+        for size in sizes
+    )
+    init_state = eqx.tree_at(
         lambda s: s.save_state,
         init_state,
-        (init_state.save_state, record_state),
+        (init_state.save_state, records),
         is_leaf=_is_none,
+    )
+    return init_state, diffrax.SaveAt(subs=(saveat.subs, subs))
+
+
+def _fix_recorded_steps(step_times, final_state):
+    """With a root-finding event, diffrax replaces the time saved after the last
+    step by the event time (and may save it once more after it): put back t_N,
+    which is still `final_state.tprev`."""
+    n = final_state.num_accepted_steps
+    index = jnp.arange(step_times.shape[0])
+    return jnp.where(
+        index < n - 1,
+        step_times,
+        jnp.where(index == n - 1, final_state.tprev, jnp.inf),
     )
 
 
@@ -150,6 +182,64 @@ def _outer_loop(
     return loop
 
 
+def _with_inputs(init_state, inputs: DiffInputs):
+    """diffrax's initial state, with the differentiable inputs in it."""
+    init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
+    init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
+    if inputs.solver_state0 is not None:
+        init_state = eqx.tree_at(
+            lambda s: s.solver_state, init_state, inputs.solver_state0
+        )
+    return init_state
+
+
+def _unpack_recordings(final_state, record: bool, record_root: bool, sizes: list):
+    """Split our recordings (step times, event time) off the user's save state."""
+    step_times = t_event = None
+    if sizes:
+        user_save_state, record_states = final_state.save_state
+        final_state = eqx.tree_at(
+            lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
+        )
+        if record:
+            step_times = record_states[0].ts
+            if record_root:
+                step_times = _fix_recorded_steps(step_times, final_state)
+        if record_root:
+            t_event = record_states[-1].ts[0]
+    return final_state, step_times, t_event
+
+
+def _event_record(final_state, event, t_event, user_subs) -> EventRecord | None:
+    if event is None:
+        return None
+    return EventRecord(
+        mask=jtu.tree_leaves(final_state.event_mask),
+        t_event=t_event,
+        ts_saved=[
+            jnp.asarray(s.saveat_ts_index)
+            for s, sub in zip(save_states(final_state.save_state), user_subs)
+            if sub.ts is not None
+        ],
+    )
+
+
+def _check_parasitic_mode(final_state, aux_stats: dict, solver, parasitic_tol):
+    """`sol.stats["parasitic_offset"]` and its check (`parasitic.py`), for solvers
+    with a second state."""
+    offset = parasitic_offset(solver, final_state.y, final_state.solver_state)
+    if offset is None:
+        return final_state, aux_stats
+    # Both the outputs and the stat depend on the check, whichever is used.
+    save_state, offset = check_parasitic(
+        (final_state.save_state, offset), offset, parasitic_tol
+    )
+    final_state = eqx.tree_at(
+        lambda s: s.save_state, final_state, save_state, is_leaf=_is_none
+    )
+    return final_state, {**aux_stats, "parasitic_offset": offset}
+
+
 def forward(
     inputs: DiffInputs,
     *,
@@ -165,18 +255,17 @@ def forward(
     residuals of the backward pass. `diff_times`: whether `t0`, `t1` or `dt0` will
     be differentiated."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
-    init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
-    init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
-    if inputs.solver_state0 is not None:
-        init_state = eqx.tree_at(
-            lambda s: s.solver_state, init_state, inputs.solver_state0
-        )
+    init_state = _with_inputs(init_state, inputs)
+    user_subs = subsaveats(saveat)
+    event = loop_kwargs.get("event")
+    if event is not None:
+        assert inputs.event_fns is not None
+        loop_kwargs["event"] = with_cond_fns(event, inputs.event_fns)
     record = needs_recording(loop_kwargs["stepsize_controller"])
-    if record:
-        init_state = _with_step_time_recording(init_state, max_steps)
-        saveat = diffrax.SaveAt(
-            subs=(saveat.subs, diffrax.SubSaveAt(steps=True, fn=_record_nothing))
-        )
+    record_root = event is not None and event.root_finder is not None
+    sizes = ([max_steps] if record else []) + ([1] if record_root else [])
+    if sizes:
+        init_state, saveat = _with_recordings(init_state, saveat, sizes)
     # Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
     # saving the (varying) solution and keeping its buffers, whose branches must
     # have equal types, so the save buffers (and our records) start as varying as
@@ -189,13 +278,12 @@ def forward(
         is_leaf=_is_none,
     )
     out = {}
+    num_jumps = count_jumps(loop_kwargs["stepsize_controller"])
     outer_while_loop = _outer_loop(
         init_state,
         every=adjoint.checkpoint_every if with_checkpoints else None,
         max_steps=max_steps,
-        num_jumps=count_jumps(loop_kwargs["stepsize_controller"])
-        if with_checkpoints
-        else 0,
+        num_jumps=num_jumps if with_checkpoints else 0,
         jump_states=not loop_kwargs["solver"].reversible_across_jumps,
         out=out,
         axes=axes,
@@ -213,19 +301,14 @@ def forward(
         outer_while_loop=outer_while_loop,
         **loop_kwargs,
     )
-    step_times = None
-    if record:
-        user_save_state, record_state = final_state.save_state
-        final_state = eqx.tree_at(
-            lambda s: s.save_state, final_state, user_save_state, is_leaf=_is_none
-        )
-        step_times = record_state.ts
-    offset = parasitic_offset(
-        loop_kwargs["solver"], final_state.y, final_state.solver_state
+    final_state, step_times, t_event = _unpack_recordings(
+        final_state, record, record_root, sizes
     )
-    if offset is not None:
-        final_state = check_parasitic(final_state, offset, adjoint.parasitic_tol)
-        aux_stats = {**aux_stats, "parasitic_offset": offset}
+    event_record = _event_record(final_state, event, t_event, user_subs)
+    if not record_root:  # (with a root, y is at the event, z at the step's end)
+        final_state, aux_stats = _check_parasitic_mode(
+            final_state, aux_stats, loop_kwargs["solver"], adjoint.parasitic_tol
+        )
     residuals = Residuals(
         y=final_state.y,
         solver_state=final_state.solver_state,
@@ -236,5 +319,6 @@ def forward(
         t1_coefficients=None
         if out.get("t1_coefficients") is None
         else out["t1_coefficients"].ends,
+        event=event_record,
     )
     return (final_state, aux_stats), residuals

@@ -17,7 +17,10 @@ estimate); with constant steps only this check does.
 import warnings
 from typing import Any, Literal
 
+import equinox as eqx
 import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
@@ -98,11 +101,35 @@ def check_parasitic(
     parasitic_tol: float | Literal["auto"] | None,
 ) -> PyTree:
     """Warn (`"auto"`) or raise (a float) on the host when `offset` exceeds the
-    tolerance. The outputs of the solve pass through the host callback, under a
-    `cond` taken only then, so that the check runs whichever outputs are used and a
-    solve within tolerance costs one comparison (`drift.on_host_if`)."""
+    tolerance.
+
+    The host callback sits under a `cond` taken only then (`drift.on_host_if`), so
+    that a solve within tolerance costs one comparison. It returns a zero that is
+    added to every floating-point output of the solve (e.g. `ys`): a dependency that
+    keeps it from being removed as unused (passing the outputs themselves through it
+    would copy them), behind a `custom_jvp` that passes tangents through, so that
+    forward-mode differentiation reaches `ReversibleAdjoint`'s own rules."""
     if parasitic_tol is None:
         return outputs
     auto = isinstance(parasitic_tol, str)
     tol = AUTO_PARASITIC_TOL if auto else float(parasitic_tol)
-    return on_host_if(outputs, offset, tol, _Report(tol, raise_error=not auto))
+    return _checked(outputs, offset, _Report(tol, raise_error=not auto))
+
+
+@eqx.filter_custom_jvp
+def _checked(outputs, offset, report):
+    zero = on_host_if(jnp.zeros((), offset.dtype), offset, report.tol, report)
+
+    def add(x):
+        if eqx.is_inexact_array(x):
+            return x + zero.astype(x.dtype)
+        return x
+
+    return jtu.tree_map(add, outputs)
+
+
+@_checked.def_jvp
+def _checked_jvp(primals, tangents):
+    outputs, offset, report = primals
+    outputs_dot, _, _ = tangents
+    return _checked(outputs, offset, report), outputs_dot

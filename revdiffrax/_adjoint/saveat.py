@@ -50,14 +50,18 @@ def replace_fns(saveat: diffrax.SaveAt, fns: list) -> diffrax.SaveAt:
 
 
 def t1_output(
-    sub: diffrax.SubSaveAt, num_steps: Int[Array, ""]
+    sub: diffrax.SubSaveAt, num_steps: Int[Array, ""], ts_saved: Any = None
 ) -> tuple[Int[Array, ""], Bool[Array, ""]]:
     """Where `sub` stored its output at `t1`, and whether it did.
 
     A sub's outputs are laid out as `[t0] [ts...] [steps...] [t1]`; with
     `steps=k` the output at `t1` is only stored when it is not a step output already.
+    After an event, only the first `ts_saved` of the `ts` were saved.
     """
-    base = (1 if sub.t0 else 0) + (0 if sub.ts is None else len(sub.ts))
+    num_ts = 0 if sub.ts is None else len(sub.ts)
+    if ts_saved is not None:
+        num_ts = ts_saved
+    base = (1 if sub.t0 else 0) + num_ts
     if sub.steps == 0:
         return jnp.asarray(base), jnp.asarray(sub.t1)
     saved = num_steps // sub.steps

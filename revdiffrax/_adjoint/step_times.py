@@ -115,6 +115,9 @@ class StepTimes(eqx.Module):
     # d t_{n+1} / d t1 for adaptive controllers (`T1Coefficients.ends`), recorded
     # when a time input is differentiated.
     t1_coefficients: Float[Array, " max_steps"] | None = None
+    # With an event, the solve may stop before `t1` (`events.py`): the last step
+    # then ends where the controller put it, not at `t1`.
+    may_stop_early: bool = eqx.field(default=False, static=True)
 
     def end(self, m: Int[Array, ""]) -> Real[Array, ""]:
         """The end of step m: t_{m+1}, the start of the next step, unless step m ends
@@ -149,12 +152,19 @@ class StepTimes(eqx.Module):
             t = self.t0 + self.dt0
         return jnp.minimum(t, self.t1)
 
+    def _planned_steps(self) -> Int[Array, ""]:
+        """`ConstantStepSize`'s number of steps from t0 to t1, or -1 for an
+        infinite `t1` (as diffrax 0.7.2 marks it)."""
+        assert self.dt0 is not None
+        num = jnp.ceil((self.t1 - self.t0) / eqxi.nextafter(self.dt0))
+        return jnp.where(jnp.isfinite(self.t1), num.astype(jnp.int32), -1)
+
     def _constant(self, n: Int[Array, ""]) -> Real[Array, ""]:
         """t_n for n >= 2 under `ConstantStepSize`, as its `adapt_step_size` computes
         it (diffrax 0.7.2): a fraction of `t1 - t0`, `t1` on the last step."""
         assert self.dt0 is not None
         t0, t1 = self.t0, self.t1
-        num = jnp.ceil((t1 - t0) / eqxi.nextafter(self.dt0)).astype(jnp.int32)
+        num = self._planned_steps()
         dtype = jnp.result_type(t0, t1)
         t = t0 + (t1 - t0) * (n.astype(dtype) / num.astype(dtype))
         t = jnp.where(n == num, t1, t)
@@ -170,6 +180,8 @@ class StepTimes(eqx.Module):
         num_steps = self.num_steps
         is_first = n == 0
         is_last = (n == num_steps) & (num_steps > 0)
+        if self.may_stop_early:
+            is_last = is_last & (self[n] == self.t1)
         zero = jnp.zeros((), dtype)
         if self.kind == "stepto":
             c0 = jnp.where(is_first, 1.0, 0.0).astype(dtype)
@@ -185,14 +197,26 @@ class StepTimes(eqx.Module):
             if self.dt0 is None:
                 return c0, c1, zero
             safe_dt0 = jnp.where(self.dt0 == 0, 1, self.dt0)
-            c_dt = (self[n] - c0 * self.t0 - c1 * self.t1) / safe_dt0
+            # (c1 t1 is zero where c1 is, also for an infinite `t1`.)
+            c1_t1 = jnp.where(c1 == 0, 0.0, c1 * self.t1)
+            c_dt = (self[n] - c0 * self.t0 - c1_t1) / safe_dt0
             return c0, c1, jnp.where(is_last, 0.0, c_dt).astype(dtype)
         if self.kind == "constant":
-            frac = n.astype(dtype) / jnp.maximum(num_steps, 1).astype(dtype)
+            planned = num_steps
+            if self.may_stop_early:
+                assert self.dt0 is not None
+                planned = self._planned_steps()
+            frac = n.astype(dtype) / jnp.maximum(planned, 1).astype(dtype)
             uniform = (n >= 2) & ~is_last
             c0 = jnp.where(uniform, 1 - frac, c0)
             c1 = jnp.where(uniform, frac, c1)
             c_dt = jnp.where((n == 1) & ~is_last, 1.0, 0.0)
+            if self.may_stop_early:
+                # An infinite `t1` (`planned == -1`): t_n = t0 + n dt0.
+                infinite = planned < 0
+                c0 = jnp.where(infinite, 1.0, c0)
+                c1 = jnp.where(infinite, 0.0, c1)
+                c_dt = jnp.where(infinite, n.astype(dtype), c_dt)
             return c0.astype(dtype), c1.astype(dtype), c_dt.astype(dtype)
         if self.dt0 is None:
             c_dt = zero
