@@ -117,8 +117,9 @@ def _compare(*, rev=REV, **kwargs):
     return err, t_event
 
 
-# (solver, controller, event kind, adjoint). The other reversible solvers were
-# measured by the same comparison (compilation makes each case cost seconds here).
+# (solver, controller, event kind, adjoint). The other reversible solvers
+# (Reversible with Tsit5, Dopri5, Euler; SymmetricComposition; SemiImplicitEuler)
+# were measured by the same comparison (each case costs 10-20 s of compilation).
 CASES = {
     "Reversible(Bosh3)-PID-several": (
         revdiffrax.Reversible(diffrax.Bosh3()),
@@ -130,6 +131,19 @@ CASES = {
         revdiffrax.Reversible(diffrax.Midpoint()),
         CONSTANT,
         "clock first",
+        REV,
+    ),
+    # A multistep method (`at_previous_time`) and the time-symmetric family.
+    "LeapfrogMidpoint-constant-bool": (
+        revdiffrax.LeapfrogMidpoint(),
+        CONSTANT,
+        "bool",
+        REV,
+    ),
+    "AsynchronousLeapfrog-constant-real": (
+        revdiffrax.AsynchronousLeapfrog(),
+        CONSTANT,
+        "real",
         REV,
     ),
     "ReversibleHeun-constant-real-checkpoints": (
