@@ -61,36 +61,42 @@ def auto_drift_tol(dtype: Any) -> float:
     return float(np.sqrt(np.finfo(dtype).eps))
 
 
-class _WarnOnce:
-    """A host-side identity on the cotangents that warns the first time it sees a
-    drift above `tol`. One is made per trace, so the warning appears once per
-    compilation."""
+def _worst(values: np.ndarray) -> float:
+    """The largest value, a NaN counting as infinite."""
+    return float(np.max(np.where(np.isnan(values), np.inf, values)))
 
-    def __init__(self, tol: float, dtype: Any):
+
+class WarnOnce:
+    """A host-side identity on `tree` that issues `category(message(worst))` the
+    first time it sees a value above `tol`. One is made per trace, so the warning
+    appears once per compilation."""
+
+    def __init__(
+        self, tol: float, category: type[Warning], message: Callable[[float], str]
+    ):
         self.tol = tol
-        self.dtype = np.dtype(dtype).name
+        self.category = category
+        self.message = message
         self.warned = False
 
-    def __call__(self, cotangents: PyTree, drift: np.ndarray) -> PyTree:
-        worst = float(np.max(np.where(np.isnan(drift), np.inf, drift)))
+    def __call__(self, tree: PyTree, values: np.ndarray) -> PyTree:
+        worst = _worst(values)
         if not self.warned and worst > self.tol:
             self.warned = True
-            message = _WARNING_MESSAGE.format(
-                drift=worst, tol=self.tol, dtype=self.dtype
-            )
-            warnings.warn(message, DriftWarning, stacklevel=2)
-        return cotangents
+            warnings.warn(self.message(worst), self.category, stacklevel=2)
+        return tree
 
 
-class _Raise:
-    """A host-side check that raises the drift error (see `_raise_if_large`)."""
+class Raise:
+    """A host-side check that raises `RuntimeError(message(worst))`; called by
+    `on_host_if` only when a value is above the tolerance."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: Callable[[float], str]):
         self.message = message
 
-    def __call__(self, cotangents: PyTree, drift: np.ndarray) -> PyTree:
-        del cotangents, drift
-        raise RuntimeError(self.message)
+    def __call__(self, tree: PyTree, values: np.ndarray) -> PyTree:
+        del tree
+        raise RuntimeError(self.message(_worst(values)))
 
 
 def on_host_if(
@@ -117,8 +123,13 @@ def on_host_if(
 
 def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
     """Warn (once per compilation) when the drift is large."""
-    warn = _WarnOnce(auto_drift_tol(drift.dtype), drift.dtype)
-    return on_host_if(cotangents, drift, warn.tol, warn)
+    tol = auto_drift_tol(drift.dtype)
+    dtype = np.dtype(drift.dtype).name
+
+    def message(worst: float) -> str:
+        return _WARNING_MESSAGE.format(drift=worst, tol=tol, dtype=dtype)
+
+    return on_host_if(cotangents, drift, tol, WarnOnce(tol, DriftWarning, message))
 
 
 def _raise_if_large(
@@ -131,7 +142,7 @@ def _raise_if_large(
     # `not (drift <= tol)` also fires on a NaN drift (an overflowing reconstruction).
     if not varying_axes(cotangents):
         return eqx.error_if(cotangents, jnp.logical_not(drift <= drift_tol), message)
-    return on_host_if(cotangents, drift, drift_tol, _Raise(message))
+    return on_host_if(cotangents, drift, drift_tol, Raise(lambda _: message))
 
 
 def report_drift(

@@ -14,17 +14,15 @@ adaptive steps the controller already sees its growth (`Reversible`'s error
 estimate); with constant steps only this check does.
 """
 
-import warnings
 from typing import Any, Literal
 
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from .drift import on_host_if, relative_drift
+from .drift import on_host_if, Raise, relative_drift, WarnOnce
 
 
 AUTO_PARASITIC_TOL = 1e-3
@@ -67,32 +65,10 @@ _ERROR = (
 def parasitic_offset(solver: Any, y: PyTree, solver_state: PyTree) -> Any:
     """`sol.stats["parasitic_offset"]`, or None for solvers without a second
     state."""
-    second_state = getattr(solver, "second_state", None)
-    z = None if second_state is None else second_state(y, solver_state)
+    z = solver.second_state(y, solver_state)
     if z is None:
         return None
     return lax.stop_gradient(relative_drift(z, y))
-
-
-class _Report:
-    """Host side: warn once per trace (so once per compilation), or raise."""
-
-    def __init__(self, tol: float, raise_error: bool):
-        self.tol = tol
-        self.raise_error = raise_error
-        self.warned = False
-
-    def __call__(self, outputs: PyTree, offset: np.ndarray) -> PyTree:
-        worst = float(np.max(np.where(np.isnan(offset), np.inf, offset)))
-        if worst <= self.tol:
-            return outputs
-        if self.raise_error:
-            raise RuntimeError(_ERROR.format(offset=worst, tol=self.tol))
-        if not self.warned:
-            self.warned = True
-            message = _WARNING.format(offset=worst, tol=self.tol)
-            warnings.warn(message, ParasiticModeWarning, stacklevel=2)
-        return outputs
 
 
 def check_parasitic(
@@ -111,14 +87,22 @@ def check_parasitic(
     forward-mode differentiation reaches `ReversibleAdjoint`'s own rules."""
     if parasitic_tol is None:
         return outputs
-    auto = isinstance(parasitic_tol, str)
-    tol = AUTO_PARASITIC_TOL if auto else float(parasitic_tol)
-    return _checked(outputs, offset, _Report(tol, raise_error=not auto))
+    if isinstance(parasitic_tol, str):
+        tol = AUTO_PARASITIC_TOL
+        report = WarnOnce(
+            tol,
+            ParasiticModeWarning,
+            lambda worst: _WARNING.format(offset=worst, tol=tol),
+        )
+    else:
+        tol = float(parasitic_tol)
+        report = Raise(lambda worst: _ERROR.format(offset=worst, tol=tol))
+    return _checked(outputs, offset, tol, report)
 
 
 @eqx.filter_custom_jvp
-def _checked(outputs, offset, report):
-    zero = on_host_if(jnp.zeros((), offset.dtype), offset, report.tol, report)
+def _checked(outputs, offset, tol, report):
+    zero = on_host_if(jnp.zeros((), offset.dtype), offset, tol, report)
 
     def add(x):
         if eqx.is_inexact_array(x):
@@ -130,6 +114,6 @@ def _checked(outputs, offset, report):
 
 @_checked.def_jvp
 def _checked_jvp(primals, tangents):
-    outputs, offset, report = primals
-    outputs_dot, _, _ = tangents
-    return _checked(outputs, offset, report), outputs_dot
+    outputs, offset, tol, report = primals
+    outputs_dot, _, _, _ = tangents
+    return _checked(outputs, offset, tol, report), outputs_dot

@@ -657,6 +657,12 @@ Reversible.__init__.__doc__ = """**Arguments:**
     subtraction: no coupling, no second state, and the backward base step skips
     their vector field (one evaluation of $g$ per step instead of two). ODEs only;
     a vector field that reads a declared component is refused.
+- `parasitic_error`: whether the error estimate that adaptive controllers see also
+    includes the round-trip defect $\\Psi_h(t_n, z_n) + \\Psi_{-h}(t_{n+1}, y_{n+1})$
+    of the step's two base steps (default `True`), which grows with the parasitic
+    mode $y - z$ where the coupling is too close to 1 for a dissipative problem (see
+    [choosing the coupling][choosing-the-coupling]). `False`: the base solver's
+    estimate alone.
 - `stage_pullback`: how `ReversibleAdjoint` pulls back through an explicit
     Runge-Kutta base step: `True` one stage at a time (the least memory: one stage's
     residuals, for one more evaluation of each stage), `False` through the whole
