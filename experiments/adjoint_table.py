@@ -31,6 +31,7 @@ from typing import Any, TYPE_CHECKING
 import diffrax
 import jax
 import numpy as np
+import optax
 from jaxtyping import PyTree
 
 from .harness import compile_timed, peak_rss_mb
@@ -57,6 +58,21 @@ class AdjointSpec:
 
     def make(self) -> diffrax.AbstractAdjoint:
         return make_adjoint(self.kind, self.checkpoints)
+
+
+def optax_step(loss_fn: Callable, optim) -> Callable:
+    """`step(params, opt_state, key, data) -> (params, opt_state, loss, metric)`: one
+    optax update on `loss_fn(params, key, data) -> (loss, metric)`, the step
+    function every experiment's `make_step(adjoint)` returns."""
+
+    def step(params, opt_state, key, data):
+        (loss, metric), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, key, data
+        )
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, metric
+
+    return step
 
 
 def parse_adjoints(spec: str, num_steps: int) -> list[AdjointSpec]:

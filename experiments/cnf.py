@@ -187,14 +187,10 @@ def make_step_factory(static, optim, solver, cfg: argparse.Namespace):
             eps = None
             if cfg.trace == "hutchinson":
                 eps = jr.rademacher(ke, x.shape, dtype=x.dtype)
-            return -jnp.mean(push_forward(flow, x, solver, adjoint, cfg.steps, eps))
+            loss = -jnp.mean(push_forward(flow, x, solver, adjoint, cfg.steps, eps))
+            return loss, loss  # (the metric reported is the loss itself)
 
-        def step(params, opt_state, key, data):
-            loss, grads = jax.value_and_grad(loss_fn)(params, key, data)
-            updates, opt_state = optim.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, loss
-
-        return step
+        return at.optax_step(loss_fn, optim)
 
     return make_step
 

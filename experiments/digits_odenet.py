@@ -149,14 +149,7 @@ def make_step_factory(static, optim, solver, batch: int, num_steps: int):
             )
             return loss, jnp.mean(jnp.argmax(out, -1) == y[idx])
 
-        def step(params, opt_state, key, data):
-            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, key, data
-            )
-            updates, opt_state = optim.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, acc
-
-        return step
+        return at.optax_step(loss_fn, optim)
 
     return make_step
 
