@@ -19,11 +19,11 @@ import diffrax
 import jax
 import revdiffrax
 from benchmarks.workloads import cnf
-from experiments.harness import interleaved_times
+from experiments.harness import compile_timed, interleaved_times
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--base", default="Midpoint", help="a diffrax solver class")
     parser.add_argument("--repeats", type=int, default=5)
     cli = parser.parse_args()
@@ -31,7 +31,7 @@ def main():
     work = cnf(base, quick=False)
     n = work.num_steps
     rev_adjoint = revdiffrax.ReversibleAdjoint(drift_tol=None, parasitic_tol=None)
-    candidates = {
+    candidates: dict[str, tuple[diffrax.AbstractSolver, diffrax.AbstractAdjoint]] = {
         "Reversible, stage_pullback=None (default: True here)": (
             revdiffrax.Reversible(base),
             rev_adjoint,
@@ -46,9 +46,7 @@ def main():
     memory, fns = {}, {}
     for name, (solver, adjoint) in candidates.items():
         loss, params = work.loss(solver, adjoint)
-        grad = jax.jit(jax.grad(loss))
-        compiled = grad.lower(params, work.data).compile()
-        memory[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        grad, _, memory[name] = compile_timed(jax.grad(loss), params, work.data)
         fns[name] = (lambda p, g=grad: g(p, work.data), params)
     for name, solver in (
         (f"forward, Reversible({cli.base})", revdiffrax.Reversible(base)),
@@ -61,7 +59,7 @@ def main():
     print("| computation | temp memory | time (median) | min |")
     print("|---|---|---|---|")
     for name, (median, least) in times.items():
-        mem = f"{memory[name]:.1f} MiB" if name in memory else ""
+        mem = f"{memory[name] / 2**20:.1f} MiB" if memory.get(name) else ""
         print(f"| {name} | {mem} | {median:.2f} s | {least:.2f} s |")
 
 
