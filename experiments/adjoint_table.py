@@ -1,15 +1,13 @@
-"""Comparing adjoints on one training step, for the experiments where memory binds
-(`cnf`, `digits_odenet`, `uea_cde`).
+"""Adjoints, tables, plots and the report of the experiments where memory binds
+(`cnf`, `digits_odenet`, `uea_cde`); their training and timing loop is
+`experiments.training_loop`.
 
-For every adjoint (`ReversibleAdjoint`, `RecursiveCheckpointAdjoint(c)` for several
-c, `DirectAdjoint`) the same training step is compiled, its compiled temp memory
-(`memory_analysis().temp_size_in_bytes`) recorded, and it is run from the same
-initialisation with the same minibatches: the adjoints listed in `train` for the
-full number of iterations, the others for a few timing iterations (their losses are
-compared with the reversible run's first losses: exact gradients give the same
-training trajectory). A step whose temp memory exceeds `max_run_bytes` is compiled
-but not run. The peak RSS is measured per adjoint, in one process, by resetting the
-kernel's high-water mark (`/proc/self/clear_refs`) before each compilation.
+The adjoints compared are `ReversibleAdjoint`, `RecursiveCheckpointAdjoint(c)` for
+several c and `DirectAdjoint`, all through the same `Reversible(base)` solver (so
+every exact adjoint follows the same training trajectory), and, marked
+`[base solver]`, `RecursiveCheckpointAdjoint` through the plain base solver at the
+same step size: what a diffrax user would otherwise run, at about half the cost per
+step of `Reversible(base)`.
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TYPE_CHECKING
 
@@ -34,7 +30,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from .harness import compile_timed, peak_rss_mb
+from .harness import peak_rss_mb
 from .report import fmt_bytes, markdown_table
 from .solvers import make_adjoint, sqrt_checkpoints
 
@@ -45,16 +41,18 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class AdjointSpec:
-    """An adjoint of the comparison: `kind` is reversible, checkpoint or direct."""
+    """An adjoint of the comparison: `kind` is reversible, checkpoint or direct;
+    `base`: through the plain base solver instead of `Reversible(base)`."""
 
     kind: str
     checkpoints: int | None = None
+    base: bool = False
 
     @property
     def label(self) -> str:
-        if self.kind == "checkpoint":
-            return f"checkpoint({self.checkpoints})"
-        return self.kind
+        name = f"checkpoint({self.checkpoints})" if self.kind == "checkpoint" else None
+        name = name or self.kind
+        return name + (" [base solver]" if self.base else "")
 
     def make(self) -> diffrax.AbstractAdjoint:
         return make_adjoint(self.kind, self.checkpoints)
@@ -77,12 +75,19 @@ def optax_step(loss_fn: Callable, optim) -> Callable:
 
 def parse_adjoints(spec: str, num_steps: int) -> list[AdjointSpec]:
     """Adjoints from a comma list such as ``reversible,checkpoint:2,checkpoint:sqrt,
-    checkpoint:N,direct`` (sqrt = floor(sqrt(2N)), N = the number of steps);
-    duplicates (e.g. 8 = floor(sqrt(2N))) are dropped."""
+    checkpoint:N,direct,checkpoint:sqrt@base`` (sqrt = floor(sqrt(2N)), N = the
+    number of steps; `@base`: through the plain base solver); duplicates (e.g.
+    8 = floor(sqrt(2N))) are dropped."""
     specs: list[AdjointSpec] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
+        item, sep, where = item.partition("@")
+        if sep and (where != "base" or item == "reversible"):
+            raise SystemExit(
+                f"error: bad adjoint {item + sep + where!r}; only checkpoint and "
+                "direct can run through the plain base solver (<adjoint>@base)"
+            )
         kind, _, count = item.partition(":")
         if kind == "checkpoint":
             named = {"sqrt": sqrt_checkpoints(num_steps), "N": num_steps}
@@ -90,13 +95,13 @@ def parse_adjoints(spec: str, num_steps: int) -> list[AdjointSpec]:
                 c = named[count] if count in named else int(count)
             except ValueError:
                 raise SystemExit(f"error: bad checkpoint count in {item!r}") from None
-            new = AdjointSpec("checkpoint", min(max(c, 1), num_steps))
+            new = AdjointSpec("checkpoint", min(max(c, 1), num_steps), bool(sep))
         elif kind in ("reversible", "direct") and not count:
-            new = AdjointSpec(kind)
+            new = AdjointSpec(kind, base=bool(sep))
         else:
             raise SystemExit(
                 f"error: unknown adjoint {item!r}; use reversible, direct or "
-                "checkpoint:<count|sqrt|N>"
+                "checkpoint:<count|sqrt|N>, optionally followed by @base"
             )
         if new not in specs:
             specs.append(new)
@@ -104,7 +109,8 @@ def parse_adjoints(spec: str, num_steps: int) -> list[AdjointSpec]:
 
 
 DEFAULT_ADJOINTS = (
-    "reversible,checkpoint:2,checkpoint:8,checkpoint:sqrt,checkpoint:N,direct"
+    "reversible,checkpoint:2,checkpoint:8,checkpoint:sqrt,checkpoint:N,direct,"
+    "checkpoint:sqrt@base"
 )
 
 
@@ -139,132 +145,6 @@ def current_peak_rss_mb() -> float:
 Step = Callable[[PyTree, PyTree, jax.Array, PyTree], tuple[Any, Any, Any, Any]]
 
 
-@dataclasses.dataclass
-class Settings:
-    """How long each adjoint runs."""
-
-    iters: int  # iterations of the adjoints in `train`
-    time_iters: int  # iterations of the others (timing and loss agreement)
-    train: Sequence[str]  # labels of the adjoints trained for `iters`
-    max_run_bytes: float  # compiled temp memory above which a step is not run
-    progress: bool = True
-    compile_only: Sequence[str] = ()  # labels of adjoints compiled but not run
-
-
-def _run(
-    fn: Callable, params, opt_state, keys: jax.Array, data, iters: int, desc: str, s
-) -> tuple[PyTree, list[float], list[float], list[float]]:
-    """Run `iters` compiled steps; returns the params, losses, metrics, step times."""
-    from tqdm.auto import tqdm
-
-    losses, metrics, times = [], [], []
-    bar = tqdm(range(iters), desc=desc, disable=not s.progress, file=sys.stderr)
-    for i in bar:
-        tic = time.perf_counter()
-        params, opt_state, loss, metric = fn(params, opt_state, keys[i], data)
-        loss, metric = (float(x) for x in jax.device_get((loss, metric)))
-        times.append(time.perf_counter() - tic)
-        losses.append(loss)
-        metrics.append(metric)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    bar.close()
-    return params, losses, metrics, times
-
-
-def measure_adjoint(
-    make_step: Callable[[diffrax.AbstractAdjoint], Step],
-    spec: AdjointSpec,
-    params: PyTree,
-    opt_state: PyTree,
-    keys: jax.Array,
-    data: PyTree,
-    s: Settings,
-    desc: str,
-) -> tuple[dict, PyTree | None]:
-    """Compile and run one adjoint's training step; returns the record and the
-    trained params (None when the step was not run).
-
-    The first call is timed separately (it includes the one-off work of the first
-    execution); the time per iteration is the median over the others."""
-    reset_peak_rss()
-    compiled, compile_s, temp = compile_timed(
-        make_step(spec.make()), params, opt_state, keys[0], data
-    )
-    iters = s.iters if spec.label in s.train else s.time_iters
-    run = spec.label not in s.compile_only and (temp is None or temp <= s.max_run_bytes)
-    record = dict(
-        label=spec.label,
-        kind=spec.kind,
-        checkpoints=spec.checkpoints,
-        compile_s=compile_s,
-        temp_bytes=temp,
-        ran=run,
-        iters=iters if run else 0,
-        trained=run and spec.label in s.train,
-    )
-    if not run:
-        record["peak_rss_mb"] = current_peak_rss_mb()
-        return record, None
-    params, losses, metrics, times = _run(
-        compiled, params, opt_state, keys, data, iters, desc, s
-    )
-    steady = times[1:] or times
-    record.update(
-        first_call_s=times[0] if times else None,
-        median_iter_s=statistics.median(steady) if steady else None,
-        mean_iter_s=float(np.mean(steady)) if steady else None,
-        losses=losses,
-        metrics=metrics,
-        iter_times=times,
-        final_loss=losses[-1] if losses else None,
-        peak_rss_mb=current_peak_rss_mb(),
-    )
-    return record, params
-
-
-def compare_adjoints(
-    make_step: Callable[[diffrax.AbstractAdjoint], Step],
-    specs: Sequence[AdjointSpec],
-    params: PyTree,
-    opt_state: PyTree,
-    key: jax.Array,
-    data: PyTree,
-    s: Settings,
-    *,
-    desc: str,
-    evaluate: Callable[[PyTree], dict] | None = None,
-) -> tuple[list[dict], dict[str, PyTree]]:
-    """`measure_adjoint` for every spec from the same `params` and minibatch keys;
-    returns the records and the trained params by label. `evaluate(params)`
-    (held-out accuracy, NLL, ...) is added to the records of the trained runs.
-    Each record also gets `loss_rel_diff`, the largest relative difference between
-    its losses and the reversible run's over their common iterations."""
-    keys = jax.random.split(key, max(s.iters, s.time_iters, 1))
-    records, trained_params = [], {}
-    for spec in specs:
-        rec, trained = measure_adjoint(
-            make_step, spec, params, opt_state, keys, data, s, f"{desc} {spec.label}"
-        )
-        if trained is not None and rec["trained"]:
-            if evaluate is not None:
-                rec["eval"] = evaluate(trained)
-            trained_params[spec.label] = trained
-        records.append(rec)
-    _add_loss_agreement(records)
-    return records, trained_params
-
-
-def _add_loss_agreement(records: list[dict]) -> None:
-    ref = next((r for r in records if r["kind"] == "reversible"), None)
-    for r in records:
-        r["loss_rel_diff"] = None
-        if ref is None or r is ref or not r.get("losses") or not ref.get("losses"):
-            continue
-        n = min(len(r["losses"]), len(ref["losses"]))
-        a, b = np.asarray(r["losses"][:n]), np.asarray(ref["losses"][:n])
-        r["loss_rel_diff"] = float(np.max(np.abs(a - b) / np.abs(b)))
-
-
 # ---------------------------------------------------------------------------
 # Tables, CSV and plots
 # ---------------------------------------------------------------------------
@@ -274,6 +154,7 @@ CSV_KEYS = (
     "label",
     "kind",
     "checkpoints",
+    "base_solver",
     "iters",
     "trained",
     "final_loss",
@@ -448,6 +329,12 @@ def summary_line(records: Sequence[dict]) -> str:
             f"faster than reversible: {names}; reversible uses less temp memory than "
             f"all of them: {verdict}"
         )
+    for r in records:
+        if r.get("base_solver") and r.get("median_iter_s") and ref.get("median_iter_s"):
+            parts.append(
+                f"reversible takes {ref['median_iter_s'] / r['median_iter_s']:.2f}x "
+                f"the time per iteration of {r['label']}"
+            )
     direct = next((r for r in records if r["kind"] == "direct"), None)
     if direct is not None and direct.get("temp_bytes"):
         parts.append(
@@ -512,18 +399,6 @@ def fill_defaults(args: argparse.Namespace, quick: dict, full: dict) -> None:
             setattr(args, k, v)
 
 
-def settings_from_args(args: argparse.Namespace, num_steps: int) -> Settings:
-    """The `Settings` of `add_common_flags`' flags for a solve of `num_steps`."""
-    return Settings(
-        iters=args.iters,
-        time_iters=args.time_iters,
-        train=[s.label for s in parse_adjoints(args.train, num_steps)],
-        max_run_bytes=args.max_run_mib * 2**20,
-        progress=not args.no_progress,
-        compile_only=[s.label for s in parse_adjoints(args.compile_only, num_steps)],
-    )
-
-
 def base_result(
     name: str, argv: Sequence[str] | None, args: argparse.Namespace, keys: Sequence[str]
 ) -> dict:
@@ -539,6 +414,21 @@ def base_result(
         date=datetime.date.today().isoformat(),
         plots=[],
     )
+
+
+def _base_solver_bullet(tables: dict[str, Sequence[dict]]) -> list[str]:
+    """The note on the `[base solver]` rows, if there are any."""
+    if not any(r.get("base_solver") for rs in tables.values() for r in rs):
+        return []
+    return [
+        "- Rows marked *[base solver]* run `RecursiveCheckpointAdjoint` (or "
+        "`DirectAdjoint`) through the plain base solver at the same step size, not "
+        "through `Reversible(base)`: the comparison a diffrax user would make. A "
+        "`Reversible(base)` step costs about two base steps, so these rows are "
+        "faster per iteration than the same adjoint through `Reversible(base)`; "
+        "they solve a different (equally accurate) discrete model, so their losses "
+        "differ slightly from the reversible run's."
+    ]
 
 
 def report_markdown(
@@ -565,6 +455,7 @@ def report_markdown(
         )
         + f". A step whose compiled temp memory exceeds {cfg['max_run_mib']:g} MiB "
         "is compiled but not run.",
+        *_base_solver_bullet(result["tables"]),
         f"- Machine: {m['platform']}, {m['cpu_count']} CPUs, shared with other jobs "
         f"(times are noisy), backend {m['backend']}; python {m['python']}, jax "
         f"{m['jax']}, diffrax {m['diffrax']}, equinox {m['equinox']}.",

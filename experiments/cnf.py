@@ -27,10 +27,8 @@ peak RSS.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
-import time
 from collections.abc import Sequence
 
 import diffrax
@@ -42,7 +40,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from . import adjoint_table as at
+from . import adjoint_table as at, training_loop as tl
 from .solvers import make_solver, SOLVERS
 
 
@@ -173,11 +171,11 @@ def sample(
 # ---------------------------------------------------------------------------
 
 
-def make_step_factory(static, optim, solver, cfg: argparse.Namespace):
-    """adjoint -> step(params, opt_state, key, data): one adamw step on the NLL of a
-    minibatch (and Hutchinson noise) drawn from `key`."""
+def make_loss(static, cfg: argparse.Namespace):
+    """(solver, adjoint) -> loss(params, key, data): the NLL of a minibatch (and
+    Hutchinson noise) drawn from `key`."""
 
-    def make_step(adjoint):
+    def make(solver, adjoint):
         def loss_fn(params, key, data):
             flow = eqx.combine(params, static)
             kb, ke = jr.split(key)
@@ -190,21 +188,21 @@ def make_step_factory(static, optim, solver, cfg: argparse.Namespace):
             loss = -jnp.mean(push_forward(flow, x, solver, adjoint, cfg.steps, eps))
             return loss, loss  # (the metric reported is the loss itself)
 
-        return at.optax_step(loss_fn, optim)
+        return loss_fn
 
-    return make_step
+    return make
 
 
-def make_evaluate(static, solver, data: jax.Array, num_steps: int):
-    """params -> {"NLL": exact-trace NLL of the whole data set}."""
+def make_evaluate(static, data: jax.Array, num_steps: int):
+    """(params, solver) -> {"NLL": exact-trace NLL of the whole data set}."""
 
-    @jax.jit
-    def nll(params):
+    @eqx.filter_jit
+    def nll(params, solver):
         flow = eqx.combine(params, static)
         adjoint = diffrax.RecursiveCheckpointAdjoint()  # forward only
         return -jnp.mean(push_forward(flow, data, solver, adjoint, num_steps))
 
-    return lambda params: {"NLL": float(nll(params))}
+    return lambda params, solver: {"NLL": float(nll(params, solver))}
 
 
 # ---------------------------------------------------------------------------
@@ -365,77 +363,63 @@ CONFIG_KEYS = (
 )
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train and measure every adjoint with every base solver."""
-    data = jnp.asarray(two_moons(args.num_data, args.seed))
-    flow = Flow(2, args.width, args.layers, key=jr.PRNGKey(args.seed))
-    params, static = eqx.partition(flow, eqx.is_inexact_array)
-    optim = optax.adamw(args.lr)
-    opt_state = optim.init(params)
-    specs = at.parse_adjoints(args.adjoints, args.steps)
-    settings = at.settings_from_args(args, args.steps)
-    tables, trained = {}, {}
-    for base in args.solvers:
-        solver = make_solver(base, coupling=args.coupling, **_integrated(args))
-        tables[base], params_by_label = at.compare_adjoints(
-            make_step_factory(static, optim, solver, args),
-            specs,
-            params,
-            opt_state,
-            jr.PRNGKey(args.seed + 1),
-            data,
-            settings,
-            desc=f"cnf {base}",
-            evaluate=make_evaluate(static, solver, data, args.steps),
-        )
-        if "reversible" in params_by_label:
-            trained[base] = params_by_label["reversible"]
-    return dict(
-        tables=tables,
-        trained=trained,
-        data=np.asarray(data),
-        static=static,
-        settings=dataclasses.asdict(settings),
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = make_parser().parse_args(argv)
-    at.fill_defaults(args, QUICK, FULL)
+def setup(args: argparse.Namespace) -> tl.Setup:
+    """Data, model and one table per base solver."""
     for s in args.solvers:
         if s not in SOLVERS:
             raise SystemExit(
                 f"error: unknown solver {s!r}; choose from {sorted(SOLVERS)}"
             )
-    os.makedirs(args.out, exist_ok=True)
-    tic = time.perf_counter()
-    out = run(args)
-    result = at.base_result("cnf", argv, args, CONFIG_KEYS)
-    result.update(tables=out["tables"], settings=out["settings"])
-    groups, title = out["tables"], f"CNF, two moons, N = {args.steps}"
+    data = jnp.asarray(two_moons(args.num_data, args.seed))
+    flow = Flow(2, args.width, args.layers, key=jr.PRNGKey(args.seed))
+    params, static = eqx.partition(flow, eqx.is_inexact_array)
+    groups = {
+        base: tl.Group(
+            loss=make_loss(static, args),
+            solver=make_solver(base, coupling=args.coupling, **_integrated(args)),
+            base_solver=make_solver(base, reversible=False),
+            num_steps=args.steps,
+            evaluate=make_evaluate(static, data, args.steps),
+        )
+        for base in args.solvers
+    }
+    return tl.Setup(
+        params=params,
+        optim=optax.adamw(args.lr),
+        data=data,
+        groups=groups,
+        title=f"CNF, two moons, N = {args.steps}",
+        private=dict(static=static),
+    )
+
+
+def extras(args: argparse.Namespace, setup: tl.Setup, result: dict, trained) -> None:
+    """The density plot of each solver's reversible model (first of the plots)."""
+    static = setup.private["static"]
+    models = {b: p["reversible"] for b, p in trained.items() if "reversible" in p}
     if not args.no_plots:
-        result["plots"] = [
-            plot_density(
-                out["data"],
-                out["trained"],
-                out["static"],
-                args,
-                os.path.join(args.out, "cnf_density.png"),
-            ),
-            at.plot_cost(
-                groups,
-                f"{title}: cost per adjoint",
-                os.path.join(args.out, "cnf_cost.png"),
-            ),
-            at.plot_losses(
-                groups,
-                f"{title}: training NLL",
-                "minibatch NLL",
-                os.path.join(args.out, "cnf_loss.png"),
-            ),
-        ]
-    result["wall_s"] = time.perf_counter() - tic
-    return at.finish(result, args.out, "NLL", "NLL", write_markdown(result))
+        path = os.path.join(args.out, "cnf_density.png")
+        plot = plot_density(np.asarray(setup.data), models, static, args, path)
+        result["plots"].insert(0, plot)
+
+
+EXPERIMENT = tl.AdjointExperiment(
+    name="cnf",
+    make_parser=make_parser,
+    quick=QUICK,
+    full=FULL,
+    config_keys=CONFIG_KEYS,
+    setup=setup,
+    write_markdown=write_markdown,
+    metric="NLL",
+    loss_name="NLL",
+    loss_ylabel="minibatch NLL",
+    extras=extras,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return tl.run(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ step for several N and plots compiled temp memory against N.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import time
 from collections.abc import Sequence
 
 import diffrax
@@ -38,7 +36,7 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from . import adjoint_table as at
+from . import adjoint_table as at, training_loop as tl
 from .harness import compile_timed
 from .solvers import make_solver, SOLVERS
 
@@ -134,10 +132,11 @@ def logits(
     return jax.vmap(model.head)(sol.ys[-1].reshape(x.shape[0], -1))
 
 
-def make_step_factory(static, optim, solver, batch: int, num_steps: int):
-    """adjoint -> step(params, opt_state, key, data): one step on a minibatch."""
+def make_loss(static, batch: int, num_steps: int):
+    """(solver, adjoint) -> loss(params, key, data): the cross-entropy and accuracy
+    of a minibatch drawn from `key`."""
 
-    def make_step(adjoint):
+    def make(solver, adjoint):
         def loss_fn(params, key, data):
             x, y = data
             idx = jr.choice(key, x.shape[0], (batch,), replace=False)
@@ -149,26 +148,29 @@ def make_step_factory(static, optim, solver, batch: int, num_steps: int):
             )
             return loss, jnp.mean(jnp.argmax(out, -1) == y[idx])
 
-        return at.optax_step(loss_fn, optim)
+        return loss_fn
 
-    return make_step
+    return make
 
 
-def make_evaluate(static, solver, data: dict, num_steps: int):
-    """params -> test and training accuracy (forward solves only)."""
+def make_evaluate(static, data: dict, num_steps: int):
+    """(params, solver) -> test and training accuracy (forward solves only)."""
 
-    @jax.jit
-    def accuracy(params, x, y):
+    @eqx.filter_jit
+    def accuracy(params, solver, x, y):
         model = eqx.combine(params, static)
         adjoint = diffrax.RecursiveCheckpointAdjoint()  # forward only
         return jnp.mean(
             jnp.argmax(logits(model, x, solver, adjoint, num_steps), -1) == y
         )
 
-    def evaluate(params):
+    def evaluate(params, solver):
+        x_te, y_te, x_tr, y_tr = (
+            data[k] for k in ("x_test", "y_test", "x_train", "y_train")
+        )
         return {
-            "test accuracy": float(accuracy(params, data["x_test"], data["y_test"])),
-            "train accuracy": float(accuracy(params, data["x_train"], data["y_train"])),
+            "test accuracy": float(accuracy(params, solver, x_te, y_te)),
+            "train accuracy": float(accuracy(params, solver, x_tr, y_tr)),
         }
 
     return evaluate
@@ -177,7 +179,6 @@ def make_evaluate(static, solver, data: dict, num_steps: int):
 def memory_against_steps(
     static,
     params,
-    opt_state,
     optim,
     args,
     data,
@@ -186,18 +187,18 @@ def memory_against_steps(
 ) -> dict[str, list]:
     """Compiled temp memory of the training step for each N and adjoint (compiled,
     not run); `known` maps (N, label) to temp memory already measured."""
-    solver = make_solver(args.solver, coupling=args.coupling)
     curves: dict[str, list] = {}
     key = jr.PRNGKey(0)
+    opt_state = optim.init(params)
     for n in steps_list:
-        factory = make_step_factory(static, optim, solver, args.batch, n)
+        group = _group(args, static, n)
         for spec in at.parse_adjoints(args.memory_adjoints, n):
             name = spec.label if spec.kind != "checkpoint" else None
             name = name or _checkpoint_curve_name(spec, n, args.memory_adjoints)
             temp = known.get((n, spec.label))
             if (n, spec.label) not in known:
                 _, _, temp = compile_timed(
-                    factory(spec.make()), params, opt_state, key, data
+                    group.make_step(spec, optim), params, opt_state, key, data
                 )
             curves.setdefault(name, []).append((n, temp))
     return curves
@@ -336,72 +337,82 @@ CONFIG_KEYS = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = make_parser().parse_args(argv)
-    at.fill_defaults(args, QUICK, FULL)
+def _group(
+    args: argparse.Namespace, static, num_steps: int, split: dict | None = None
+) -> tl.Group:
+    """The training step of N = `num_steps` (evaluated on `split`, if given)."""
+    return tl.Group(
+        loss=make_loss(static, args.batch, num_steps),
+        solver=make_solver(args.solver, coupling=args.coupling),
+        base_solver=make_solver(args.solver, reversible=False),
+        num_steps=num_steps,
+        evaluate=None if split is None else make_evaluate(static, split, num_steps),
+    )
+
+
+def setup(args: argparse.Namespace) -> tl.Setup:
+    """Data, model and the one table (N = --steps)."""
     if args.solver not in SOLVERS:
         raise SystemExit(f"error: unknown solver {args.solver!r}")
-    os.makedirs(args.out, exist_ok=True)
-    tic = time.perf_counter()
     split = load_digit_images(args.seed)
-    data = (jnp.asarray(split["x_train"]), jnp.asarray(split["y_train"]))
     model = ODENet(args.channels, key=jr.PRNGKey(args.seed))
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    optim = optax.adamw(args.lr)
-    opt_state = optim.init(params)
-    solver = make_solver(args.solver, coupling=args.coupling)
-    settings = at.settings_from_args(args, args.steps)
-    records, _ = at.compare_adjoints(
-        make_step_factory(static, optim, solver, args.batch, args.steps),
-        at.parse_adjoints(args.adjoints, args.steps),
-        params,
-        opt_state,
-        jr.PRNGKey(args.seed + 1),
-        data,
-        settings,
-        desc="digits",
-        evaluate=make_evaluate(static, solver, split, args.steps),
+    return tl.Setup(
+        params=params,
+        optim=optax.adamw(args.lr),
+        data=(jnp.asarray(split["x_train"]), jnp.asarray(split["y_train"])),
+        groups={
+            f"Reversible({args.solver}), N = {args.steps}": _group(
+                args, static, args.steps, split
+            )
+        },
+        title=f"ODE-Net on digits, {args.solver}, N = {args.steps}",
+        config=dict(num_train=len(split["y_train"]), num_test=len(split["y_test"])),
+        private=dict(static=static),
     )
+
+
+def extras(args: argparse.Namespace, setup: tl.Setup, result: dict, trained) -> None:
+    """Compiled temp memory of the training step against N, and its plot."""
+    (records,) = result["tables"].values()
     known = {(args.steps, r["label"]): r["temp_bytes"] for r in records}
     curves = memory_against_steps(
-        static, params, opt_state, optim, args, data, args.memory_steps, known
+        setup.private["static"],
+        setup.params,
+        setup.optim,
+        args,
+        setup.data,
+        args.memory_steps,
+        known,
     )
-    result = at.base_result("digits_odenet", argv, args, CONFIG_KEYS)
-    result["config"].update(
-        num_train=len(split["y_train"]), num_test=len(split["y_test"])
-    )
-    groups = {f"Reversible({args.solver}), N = {args.steps}": records}
-    result.update(
-        tables=groups,
-        settings=dataclasses.asdict(settings),
-        memory_vs_steps=curves,
-    )
-    if not args.no_plots:
-        title = f"ODE-Net on digits, {args.solver}"
-        result["plots"] = [
-            at.plot_cost(
-                groups,
-                f"{title}, N = {args.steps}: cost per adjoint",
-                os.path.join(args.out, "digits_odenet_cost.png"),
-            ),
-            at.plot_losses(
-                groups,
-                f"{title}, N = {args.steps}: training loss",
-                "minibatch cross-entropy",
-                os.path.join(args.out, "digits_odenet_loss.png"),
-            ),
-        ]
-        if curves:
-            result["plots"].append(
-                plot_memory_steps(
-                    curves,
-                    f"{title}: compiled temp memory against N",
-                    os.path.join(args.out, "digits_odenet_memory_steps.png"),
-                )
+    result["memory_vs_steps"] = curves
+    if curves and not args.no_plots:
+        result["plots"].append(
+            plot_memory_steps(
+                curves,
+                f"ODE-Net on digits, {args.solver}: compiled temp memory against N",
+                os.path.join(args.out, "digits_odenet_memory_steps.png"),
             )
-    result["wall_s"] = time.perf_counter() - tic
-    md = write_markdown(result)
-    return at.finish(result, args.out, "test accuracy", "loss", md)
+        )
+
+
+EXPERIMENT = tl.AdjointExperiment(
+    name="digits_odenet",
+    make_parser=make_parser,
+    quick=QUICK,
+    full=FULL,
+    config_keys=CONFIG_KEYS,
+    setup=setup,
+    write_markdown=write_markdown,
+    metric="test accuracy",
+    loss_name="loss",
+    loss_ylabel="minibatch cross-entropy",
+    extras=extras,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return tl.run(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,11 @@ def compile_step(step: Callable, *args: Any) -> CompiledStep:
 
 @dataclasses.dataclass
 class TrainingLog:
-    """Per-iteration losses, step counts and wall-clock times of a training loop."""
+    """Per-iteration losses, auxiliary outputs and wall-clock times of a training
+    loop."""
 
     losses: list[float]
-    steps: list[float]
+    aux: list[float]  # the step's last output: accepted steps, an accuracy, ...
     iter_times: list[float]
     train_s: float  # wall-clock time of the whole loop
     cpu_s: float  # process CPU time of the whole loop
@@ -90,11 +91,17 @@ def timed_training(
     iters: int,
     *,
     desc: str,
+    step_args: Callable[[int], tuple] = lambda i: (),
     progress: bool = True,
     loss_format: str = ".4e",
 ) -> tuple[PyTree, PyTree, TrainingLog]:
-    """Run `params, opt_state, loss, steps = step(params, opt_state)` `iters` times,
-    waiting for every iteration; returns the final params and optimiser state."""
+    """Run `params, opt_state, loss, aux = step(params, opt_state, *step_args(i))`
+    for i < `iters`, waiting for every iteration (`step_args` gives e.g. the i-th
+    minibatch key); returns the final params and optimiser state.
+
+    This is the one training loop of the experiments: `train.train` (white dwarf,
+    oscillators, pendulum), `kepler` and `training_loop.measure_adjoint` (cnf,
+    digits_odenet, uea_cde) all run it."""
     from tqdm.auto import tqdm
 
     log = TrainingLog([], [], [], 0.0, 0.0)
@@ -108,14 +115,14 @@ def timed_training(
     tic = time.perf_counter()
     cpu_tic = time.process_time()
     last = tic
-    for _ in bar:
-        params, opt_state, loss, nsteps = step(params, opt_state)
-        loss, nsteps = jax.device_get((loss, nsteps))  # waits for the step
+    for i in bar:
+        params, opt_state, loss, aux = step(params, opt_state, *step_args(i))
+        loss, aux = jax.device_get((loss, aux))  # waits for the step
         now = time.perf_counter()
         log.iter_times.append(now - last)
         last = now
         log.losses.append(float(loss))
-        log.steps.append(float(nsteps))
+        log.aux.append(float(aux))
         bar.set_postfix(loss=f"{float(loss):{loss_format}}", refresh=False)
     log.train_s = time.perf_counter() - tic
     log.cpu_s = time.process_time() - cpu_tic

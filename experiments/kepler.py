@@ -257,7 +257,7 @@ def train_one(
         atol=args.atol,
         losses=log.losses,
         final_loss=log.losses[-1],
-        mean_steps=float(np.mean(log.steps)),
+        mean_steps=float(np.mean(log.aux)),
         median_iter_s=float(np.median(log.iter_times)),
         mean_iter_s=float(np.mean(log.iter_times)),
         cpu_per_iter_s=log.cpu_s / args.iters,

@@ -120,7 +120,7 @@ def _result(
     final_loss: float,
     drift: float | None,
 ) -> dict:
-    losses, steps, iters = log.losses, log.steps, max(cfg.iters, 1)
+    losses, steps, iters = log.losses, log.aux, max(cfg.iters, 1)
     return dict(
         experiment=problem.name,
         adjoint=cfg.adjoint,

@@ -28,9 +28,6 @@ spirals example stays in `experiments.neural_cde`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import time
 from collections.abc import Sequence
 
 import diffrax
@@ -41,7 +38,7 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from . import adjoint_table as at
+from . import adjoint_table as at, training_loop as tl
 from .solvers import make_solver, SOLVERS
 from .ts_data import channel_stats, find_split, load_ts, to_arrays
 
@@ -136,10 +133,11 @@ def scores(
     return model.readout(sol.ys[-1])
 
 
-def make_step_factory(static, optim, solver, batch: int, num_steps: int):
-    """adjoint -> step(params, opt_state, key, data): one step on a minibatch."""
+def make_loss(static, batch: int, num_steps: int):
+    """(solver, adjoint) -> loss(params, key, data): the cross-entropy and accuracy
+    of a minibatch drawn from `key` (the whole training set if `batch` covers it)."""
 
-    def make_step(adjoint):
+    def make(solver, adjoint):
         def loss_fn(params, key, data):
             x, y = data
             if batch < x.shape[0]:
@@ -150,25 +148,28 @@ def make_step_factory(static, optim, solver, batch: int, num_steps: int):
             loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
             return loss, jnp.mean(jnp.argmax(out, -1) == y)
 
-        return at.optax_step(loss_fn, optim)
+        return loss_fn
 
-    return make_step
+    return make
 
 
-def make_evaluate(static, solver, data: dict, num_steps: int):
-    """params -> test and training accuracy (forward solves only)."""
+def make_evaluate(static, data: dict, num_steps: int):
+    """(params, solver) -> test and training accuracy (forward solves only)."""
 
-    @jax.jit
-    def accuracy(params, x, y):
+    @eqx.filter_jit
+    def accuracy(params, solver, x, y):
         model = eqx.combine(params, static)
         adjoint = diffrax.RecursiveCheckpointAdjoint()  # forward only
         out = jax.vmap(lambda v: scores(model, v, solver, adjoint, num_steps))(x)
         return jnp.mean(jnp.argmax(out, -1) == y)
 
-    def evaluate(params):
+    def evaluate(params, solver):
+        x_te, y_te, x_tr, y_tr = (
+            data[k] for k in ("x_test", "y_test", "x_train", "y_train")
+        )
         return {
-            "test accuracy": float(accuracy(params, data["x_test"], data["y_test"])),
-            "train accuracy": float(accuracy(params, data["x_train"], data["y_train"])),
+            "test accuracy": float(accuracy(params, solver, x_te, y_te)),
+            "train accuracy": float(accuracy(params, solver, x_tr, y_tr)),
         }
 
     return evaluate
@@ -260,13 +261,10 @@ CONFIG_KEYS = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = make_parser().parse_args(argv)
-    at.fill_defaults(args, QUICK, FULL)
+def setup(args: argparse.Namespace) -> tl.Setup:
+    """Data, model and the one table."""
     if args.solver not in SOLVERS:
         raise SystemExit(f"error: unknown solver {args.solver!r}")
-    os.makedirs(args.out, exist_ok=True)
-    tic = time.perf_counter()
     data = load_dataset(args.dataset, args.data_dir, args.max_cases)
     steps = args.steps_per_obs * (data["length"] - 1)
     channels = data["x_train"].shape[-1]
@@ -279,51 +277,48 @@ def main(argv: Sequence[str] | None = None) -> dict:
         key=jr.PRNGKey(args.seed),
     )
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    optim = optax.adamw(args.lr)
-    opt_state = optim.init(params)
-    solver = make_solver(args.solver, coupling=args.coupling)
     batch = min(args.batch or len(data["y_train"]), len(data["y_train"]))
-    settings = at.settings_from_args(args, steps)
-    records, _ = at.compare_adjoints(
-        make_step_factory(static, optim, solver, batch, steps),
-        at.parse_adjoints(args.adjoints, steps),
-        params,
-        opt_state,
-        jr.PRNGKey(args.seed + 1),
-        (jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])),
-        settings,
-        desc=args.dataset,
-        evaluate=make_evaluate(static, solver, data, steps),
+    group = tl.Group(
+        loss=make_loss(static, batch, steps),
+        solver=make_solver(args.solver, coupling=args.coupling),
+        base_solver=make_solver(args.solver, reversible=False),
+        num_steps=steps,
+        evaluate=make_evaluate(static, data, steps),
     )
-    result = at.base_result("uea_cde", argv, args, CONFIG_KEYS)
-    result["config"].update(
-        steps=steps,
-        length=data["length"],
-        channels=channels,
-        num_classes=len(data["classes"]),
-        num_train=len(data["y_train"]),
-        num_test=len(data["y_test"]),
-        batch_used=batch,
+    return tl.Setup(
+        params=params,
+        optim=optax.adamw(args.lr),
+        data=(jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])),
+        groups={f"Reversible({args.solver}), N = {steps}": group},
+        title=f"Neural CDE on {args.dataset}, {args.solver}, N = {steps}",
+        config=dict(
+            steps=steps,
+            length=data["length"],
+            channels=channels,
+            num_classes=len(data["classes"]),
+            num_train=len(data["y_train"]),
+            num_test=len(data["y_test"]),
+            batch_used=batch,
+        ),
     )
-    groups = {f"Reversible({args.solver}), N = {steps}": records}
-    result.update(tables=groups, settings=dataclasses.asdict(settings))
-    if not args.no_plots:
-        title = f"Neural CDE on {args.dataset}, {args.solver}, N = {steps}"
-        result["plots"] = [
-            at.plot_cost(
-                groups,
-                f"{title}: cost per adjoint",
-                os.path.join(args.out, "uea_cde_cost.png"),
-            ),
-            at.plot_losses(
-                groups,
-                f"{title}: training loss",
-                "cross-entropy",
-                os.path.join(args.out, "uea_cde_loss.png"),
-            ),
-        ]
-    result["wall_s"] = time.perf_counter() - tic
-    return at.finish(result, args.out, "test accuracy", "loss", write_markdown(result))
+
+
+EXPERIMENT = tl.AdjointExperiment(
+    name="uea_cde",
+    make_parser=make_parser,
+    quick=QUICK,
+    full=FULL,
+    config_keys=CONFIG_KEYS,
+    setup=setup,
+    write_markdown=write_markdown,
+    metric="test accuracy",
+    loss_name="loss",
+    loss_ylabel="cross-entropy",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return tl.run(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -481,10 +481,35 @@ def test_parse_adjoints():
         "checkpoint(14)",
         "checkpoint(100)",
         "direct",
+        "checkpoint(14) [base solver]",
     ]
     # floor(sqrt(2 * 32)) = 8 is listed once.
-    assert len(parse_adjoints(DEFAULT_ADJOINTS, 32)) == 5
+    assert len(parse_adjoints(DEFAULT_ADJOINTS, 32)) == 6
+    (spec,) = parse_adjoints("direct@base", 10)
+    assert spec.base and spec.kind == "direct"
     with pytest.raises(SystemExit):
         parse_adjoints("checkpoint:many", 10)
     with pytest.raises(SystemExit):
         parse_adjoints("backsolve", 10)
+    # ReversibleAdjoint needs a reversible solver; only "@base" is known.
+    for bad in ("reversible@base", "checkpoint:2@plain"):
+        with pytest.raises(SystemExit, match="@base"):
+            parse_adjoints(bad, 10)
+
+
+def test_base_solver_row(tmp_path):
+    """`checkpoint:N@base` runs through the plain base solver: a row of its own,
+    the same model and minibatches, and losses close to, but unlike those of every
+    adjoint through `Reversible(base)` not equal to, the reversible run's (the
+    coupled scheme is a different discrete model)."""
+    from experiments import uea_cde
+
+    args = ["--quick", "--out", str(tmp_path), "--no-progress", "--no-plots"]
+    args += ["--adjoints", "reversible,checkpoint:N@base", "--time-iters", "3"]
+    result = uea_cde.main(args)
+    (rev, base) = next(iter(result["tables"].values()))
+    assert base["label"] == "checkpoint(28) [base solver]" and base["base_solver"]
+    assert not rev["base_solver"] and base["ran"]
+    assert 1e-6 < base["loss_rel_diff"] < 1e-2
+    md = (tmp_path / "uea_cde.md").read_text()
+    assert "| checkpoint(28) [base solver] |" in md and "plain base solver" in md
