@@ -513,3 +513,22 @@ def test_base_solver_row(tmp_path):
     assert 1e-6 < base["loss_rel_diff"] < 1e-2
     md = (tmp_path / "uea_cde.md").read_text()
     assert "| checkpoint(28) [base solver] |" in md and "plain base solver" in md
+
+
+def test_base_solver_speedups_quick(tmp_path):
+    """The side-by-side timing of reversible, checkpointing through
+    `Reversible(base)` and through the plain base solver writes one row each."""
+    from experiments import base_solver_speedups
+
+    result = base_solver_speedups.main(
+        ["--quick", "--only", "neural CDE", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    (rows,) = result["tables"].values()
+    assert [r["label"] for r in rows] == [
+        "reversible",
+        "checkpoint(7)",
+        "checkpoint(7) [base solver]",
+    ]
+    assert all(r["median_s"] > 0 and r["temp_bytes"] > 0 for r in rows)
+    md = (tmp_path / "base_solver_speedups.md").read_text()
+    assert "| reversible |" in md and "| 1.00x |" in md and "CPUs" in md
