@@ -98,6 +98,7 @@ def write_markdown(tables: dict[str, list[dict]], command: str, wall_s: float) -
         "s / step (median)",
         "s / step (min)",
         "reversible speed-up (median)",
+        "reversible speed-up (min)",
         "compiled temp memory",
     ]
     for name, rows in tables.items():
@@ -108,6 +109,7 @@ def write_markdown(tables: dict[str, list[dict]], command: str, wall_s: float) -
                 f"{r['median_s']:.4f}",
                 f"{r['min_s']:.4f}",
                 f"{r['median_s'] / ref['median_s']:.2f}x",
+                f"{r['min_s'] / ref['min_s']:.2f}x",
                 at.fmt_bytes(r["temp_bytes"]),
             ]
             for r in rows
