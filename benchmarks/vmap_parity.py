@@ -27,6 +27,7 @@ import shlex
 import sys
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import revdiffrax
@@ -61,7 +62,7 @@ def mean_steps(work: Workload, solver: diffrax.AbstractSolver) -> float | None:
         return None
     ts, coeffs, _ = work.data
 
-    @jax.jit
+    @eqx.filter_jit
     def steps(model):
         def one(t, c):
             adjoint = diffrax.RecursiveCheckpointAdjoint()
@@ -73,9 +74,11 @@ def mean_steps(work: Workload, solver: diffrax.AbstractSolver) -> float | None:
     return float(jnp.mean(steps(work.model)))
 
 
-def measure(work: Workload, repeats: int) -> list[list]:
+def measure(work: Workload, repeats: int, labels: list[str] | None) -> list[list]:
     rows, fns = [], {}
     for label, (solver, adjoint) in variants(work.base).items():
+        if labels is not None and label not in labels and label not in TIMED:
+            continue
         loss, params = work.loss(solver, adjoint)
         fn, compile_s, temp = compile_timed(jax.grad(loss), params, work.data)
         print(f"  {label}: temp {fmt_bytes(temp)}, compiled in {compile_s:.0f} s")
@@ -104,6 +107,11 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--labels",
+        help="comma-separated variants to compile besides the timed RCA() and "
+        "Reversible() (default: all)",
+    )
     args = parser.parse_args(argv)
     info = machine_info()
     command = "python -m benchmarks.vmap_parity " + shlex.join(
@@ -116,10 +124,12 @@ def main(argv: list[str] | None = None) -> str:
     for make in (cnf_vmap, cde_vmap):
         work = make(args.quick)
         print(f"{work.name}: {work.description}", flush=True)
-        table = measure(work, args.repeats)
+        labels = None if args.labels is None else args.labels.split(",")
+        table = measure(work, args.repeats, labels)
         header = ["adjoint", "temp memory", "/ RCA()", "time (median)", "/ RCA()"]
         parts.append(f"### {work.name}\n\n{work.description}.\n")
         parts.append(markdown_table(header, table) + "\n")
+        print(parts[-1], flush=True)
         base_steps = mean_steps(work, work.base)
         if base_steps is not None:
             rev_steps = mean_steps(work, revdiffrax.Reversible(work.base))
