@@ -27,6 +27,12 @@ round for the gradient/forward ratios. An adjoint whose compiled memory exceeds
 `--max-memory` (default: 8 GiB or half the available memory, the smaller) is compiled
 but not run, and its row says so; one that fails to compile says why.
 
+The per-sample `jax.vmap` workloads (`CNF vmap Tsit5`, `CDE vmap Tsit5 PID`, issue
+22) also have rows for both adjoints with their defaults, as a user writes them:
+`RCA()` (`diffrax.RecursiveCheckpointAdjoint()` through the base) and
+`Reversible()` (`revdiffrax.ReversibleAdjoint()`, drift and parasitic-mode checks
+on, through `Reversible(base)`).
+
 The exact Pareto frontier of a workload: the exact adjoints that no other exact
 adjoint beats on both time and memory (at least as good on both, better on one). For
 each workload the report says whether `Reversible` (checkpoint_every=None) is on it,
@@ -76,6 +82,8 @@ from experiments.solvers import sqrt_checkpoints
 
 
 REVERSIBLE = "Reversible"  # the label of ReversibleAdjoint(checkpoint_every=None)
+DEFAULT_RCA = "RCA()"  # RecursiveCheckpointAdjoint(), diffrax's default adjoint
+DEFAULT_REVERSIBLE = "Reversible()"  # ReversibleAdjoint(), its checks on
 REFERENCE = "RCA(2)"  # the memory reference of issue 12
 FWD_REV = "forward Reversible(base)"
 FWD_BASE = "forward base"
@@ -85,10 +93,17 @@ MIN_SAMPLE_S = 0.2
 NEAR = 1.25
 
 
-def adjoints(num_steps: int) -> dict[str, tuple[str, diffrax.AbstractAdjoint]]:
+def adjoints(
+    num_steps: int, defaults: bool = False
+) -> dict[str, tuple[str, diffrax.AbstractAdjoint]]:
     """Label -> (kind, adjoint); kind is "checkpoint", "direct", "backsolve" or
-    "reversible" (only the last goes through `revdiffrax.Reversible(base)`)."""
+    "reversible" (only the last goes through `revdiffrax.Reversible(base)`). With
+    `defaults`, also `RCA()` and `Reversible()`: both adjoints with their defaults
+    (for the per-sample `vmap` workloads, written as a user would)."""
     out: dict[str, tuple[str, diffrax.AbstractAdjoint]] = {}
+    if defaults:
+        out[DEFAULT_RCA] = ("checkpoint", diffrax.RecursiveCheckpointAdjoint())
+        out[DEFAULT_REVERSIBLE] = ("reversible", revdiffrax.ReversibleAdjoint())
     counts = [2, 4, 8, 16, sqrt_checkpoints(num_steps), num_steps]
     for c in sorted(set(counts)):
         out[f"RCA({c})"] = (
@@ -153,7 +168,7 @@ def measure(work: Workload, repeats: int, memory_only: bool, max_memory: int) ->
     rows: dict[str, dict] = {}
     compiled: dict[str, Any] = {}
     params = None
-    for label, (kind, adj) in adjoints(work.num_steps).items():
+    for label, (kind, adj) in adjoints(work.num_steps, work.default_rows).items():
         row = dict(
             label=label,
             kind=kind,

@@ -22,7 +22,18 @@ solve (the documented revdiffrax usage).
   `jax.vmap`, Heun, N=1000, float64;
 - `PDE`: a neural reaction-diffusion PDE on a periodic 64x64 grid (5-point Laplacian
   plus a 3x3 conv net 1-4-1), float32, Midpoint, N=2000: the state (16 KiB) is
-  larger than one step's working set of the network, so storing states dominates.
+  larger than one step's working set of the network, so storing states dominates;
+- `CNF vmap Tsit5` (issue 22): the two-moons CNF as diffrax's example writes it, one
+  sample per solve and `jax.vmap` over a batch of 500, MLP 2-64-64-64-2, Tsit5
+  with 10 constant steps from t1=0.5 down to 0, float32;
+- `CDE vmap Tsit5 PID` (issue 22): diffrax's neural CDE example (hidden 8, MLP
+  width 128 depth 1, spirals of 100 observations, batch 32 under `jax.vmap`),
+  Tsit5 with `PIDController(rtol=1e-3, atol=1e-6)`, float32.
+
+The last two solve one sample at a time under `jax.vmap` and use diffrax's default
+`max_steps`; for them the report also has the adjoints with their defaults
+(`RCA()`: `RecursiveCheckpointAdjoint()`; `Reversible()`: `ReversibleAdjoint()`,
+checks on).
 
 `quick=True` shrinks every workload to run in seconds (smoke tests).
 """
@@ -56,6 +67,11 @@ class Workload:
     loss_fn: Callable[..., jax.Array]
     # `Reversible(base, integrated=...)` for the reversible adjoints (None: none).
     integrated: Any = None
+    # Workload-specific settings of `loss_fn`.
+    extra: dict = dataclasses.field(default_factory=dict)
+    # Also measure the adjoints with their defaults: `RecursiveCheckpointAdjoint()`
+    # and `ReversibleAdjoint()` (with its drift and parasitic-mode checks).
+    default_rows: bool = False
 
     @property
     def slug(self) -> str:
@@ -361,6 +377,161 @@ def neural_pde(quick: bool) -> Workload:
     )
 
 
+# ----------------------------------------------------------------------------------
+# Per-sample solves under `jax.vmap` (diffrax's example style, issue 22)
+
+
+def _cnf_vmap_field(t, y, model):
+    """d(x, log p)/dt = (f(t, x), tr df/dx) for one sample `x[2]`, the trace exact
+    (reverse mode over the rows of the identity), as in diffrax's CNF example."""
+    x, _ = y
+    dx, vjp = jax.vjp(lambda u: model.f(t, u), x)
+    (jac,) = jax.vmap(vjp)(jnp.eye(x.shape[0], dtype=x.dtype))
+    return dx, jnp.trace(jac)
+
+
+def _cnf_vmap_loss(model, x, solver, adjoint, work):
+    t1, dt0 = work.extra["t1"], work.extra["dt0"]
+
+    def log_likelihood(xi):
+        y0 = (xi, jnp.zeros((), jnp.float32))
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_cnf_vmap_field),
+            solver,
+            jnp.asarray(t1, jnp.float32),
+            jnp.asarray(0.0, jnp.float32),
+            jnp.asarray(-dt0, jnp.float32),
+            y0,
+            args=model,
+            adjoint=adjoint,
+        )
+        (z,), (delta_logp,) = sol.ys  # pyright: ignore[reportGeneralTypeIssues]
+        return delta_logp - 0.5 * jnp.sum(z**2) - jnp.log(2 * jnp.pi)
+
+    return -jnp.mean(jax.vmap(log_likelihood)(x))
+
+
+def cnf_vmap(quick: bool) -> Workload:
+    batch, width = (16, 16) if quick else (500, 64)
+    t1, dt0 = 0.5, 0.05
+    return Workload(
+        "CNF vmap Tsit5",
+        f"two-moons CNF in diffrax's example style: one sample (x[2], log p) per "
+        f"solve, `jax.vmap` over a batch of {batch}, concat-squash MLP "
+        f"2-{width}-{width}-{width}-2, tanh, exact trace, Tsit5 with constant steps "
+        f"from t1={t1} down to 0, float32, diffrax's default `max_steps`",
+        CNF((2, width, width, width, 2), jax.random.PRNGKey(0)),
+        jnp.asarray(two_moons(batch)),
+        diffrax.Tsit5(),
+        round(t1 / dt0),
+        jnp.float32,
+        _cnf_vmap_loss,
+        extra=dict(t1=t1, dt0=dt0),
+        default_rows=True,
+    )
+
+
+def example_spirals(key: jax.Array, batch: int, length: int):
+    """diffrax's neural CDE example data: 2-d spirals x' = A x observed at `length`
+    regular times on [0, 4 pi], time as a first channel, half of them mirrored
+    (label 1); the cubic Hermite coefficients of each path. float32."""
+    theta = jax.random.uniform(key, (batch,), jnp.float32, 0, 2 * np.pi)
+    y0 = jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
+    ts = jnp.broadcast_to(
+        jnp.linspace(0, 4 * np.pi, length, dtype=jnp.float32), (batch, length)
+    )
+    matrix = jnp.array([[-0.3, 2], [-2, -0.3]], jnp.float32)
+    ys = jax.vmap(
+        lambda y, t: jax.vmap(lambda s: jax.scipy.linalg.expm(s * matrix) @ y)(t)
+    )(y0, ts)
+    ys = jnp.concatenate([ts[:, :, None], ys], axis=-1)
+    ys = ys.at[: batch // 2, :, 1].multiply(-1)
+    coeffs = jax.vmap(diffrax.backward_hermite_coefficients)(ts, ys)
+    labels = jnp.zeros((batch,), jnp.float32).at[: batch // 2].set(1.0)
+    return ts, coeffs, labels
+
+
+class ExampleCDE(eqx.Module):
+    """diffrax's neural CDE example: z0 = initial(X(t0)), dz = f(z) dX with f an
+    MLP (softplus, tanh output), prediction sigmoid(linear(z(t1)))."""
+
+    initial: eqx.nn.MLP
+    field: eqx.nn.MLP
+    linear: eqx.nn.Linear
+    hidden: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __init__(self, channels: int, hidden: int, width: int, depth: int, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.initial = eqx.nn.MLP(
+            channels, hidden, width, depth, key=k1, dtype=jnp.float32
+        )
+        self.field = eqx.nn.MLP(
+            hidden,
+            hidden * channels,
+            width,
+            depth,
+            activation=jax.nn.softplus,
+            final_activation=jnp.tanh,
+            key=k2,
+            dtype=jnp.float32,
+        )
+        self.linear = eqx.nn.Linear(hidden, 1, key=k3, dtype=jnp.float32)
+        self.hidden, self.channels = hidden, channels
+
+    def __call__(self, t, z, args):
+        return self.field(z).reshape(self.hidden, self.channels)
+
+
+def cde_vmap_solve(model, t, coeffs, solver, adjoint, max_steps):
+    """One sample's solve of `cde_vmap` (its `sol.stats` count the steps)."""
+    control = diffrax.CubicInterpolation(t, coeffs)
+    term = diffrax.ControlTerm(model, control).to_ode()
+    return diffrax.diffeqsolve(
+        term,
+        solver,
+        t[0],
+        t[-1],
+        None,
+        model.initial(control.evaluate(t[0])),
+        stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-6),
+        saveat=diffrax.SaveAt(t1=True),
+        adjoint=adjoint,
+        max_steps=max_steps,
+    )
+
+
+def _cde_vmap_loss(model, data, solver, adjoint, work):
+    ts, coeffs, labels = data
+
+    def predict(t, c):
+        sol = cde_vmap_solve(model, t, c, solver, adjoint, work.num_steps)
+        return jax.nn.sigmoid(model.linear(sol.ys[-1]))[0]  # pyright: ignore
+
+    pred = jax.vmap(predict)(ts, coeffs)
+    return -jnp.mean(labels * jnp.log(pred) + (1 - labels) * jnp.log(1 - pred))
+
+
+def cde_vmap(quick: bool) -> Workload:
+    batch, length, width = (4, 20, 16) if quick else (32, 100, 128)
+    return Workload(
+        "CDE vmap Tsit5 PID",
+        f"neural CDE in diffrax's example style: hidden 8, MLP width {width} depth 1 "
+        f"(softplus, tanh output), cubic interpolation of 2-d spirals ({length} "
+        f"regular observations on [0, 4 pi], time as a channel), one sample per "
+        f"solve, `jax.vmap` over a batch of {batch}, Tsit5 with "
+        "`PIDController(rtol=1e-3, atol=1e-6)`, `ControlTerm(...).to_ode()`, float32, "
+        "N = diffrax's default `max_steps`",
+        ExampleCDE(3, 8, width, 1, jax.random.PRNGKey(0)),
+        example_spirals(jax.random.PRNGKey(1), batch, length),
+        diffrax.Tsit5(),
+        4096,
+        jnp.float32,
+        _cde_vmap_loss,
+        default_rows=True,
+    )
+
+
 def workloads(quick: bool) -> dict[str, Callable[[], Workload]]:
     """Name -> constructor of every workload, in the order of the report (the cheap
     ones first)."""
@@ -373,4 +544,6 @@ def workloads(quick: bool) -> dict[str, Callable[[], Workload]]:
         "CNF Midpoint integrated": lambda: cnf(diffrax.Midpoint(), quick, True),
         "CNF RK4": lambda: cnf(RK4(), quick),
         "CNF Dopri5": lambda: cnf(diffrax.Dopri5(), quick),
+        "CNF vmap Tsit5": lambda: cnf_vmap(quick),
+        "CDE vmap Tsit5 PID": lambda: cde_vmap(quick),
     }

@@ -4,6 +4,7 @@ out; and the refusal of higher-order derivatives."""
 import equinox as eqx
 import jax.tree_util as jtu
 
+from .._batching import enclosing_vmap_size, vmapped_solves
 from .backward import backward
 from .forward import DiffInputs, forward
 
@@ -87,14 +88,18 @@ def _loop_reversible_bwd(
 ):
     del kwargs
     grad_final_state, _ = grad_out
-    return _backward_first_order(
-        residuals,
-        grad_final_state,
-        inputs,
-        solver,
-        stepsize_controller,
-        saveat,
-        init_state,
-        perturbed=perturbed,
-        adjoint=adjoint,
-    )
+    # Under `jax.vmap` this function runs batched, but the backward loop is traced
+    # with one solve's shapes: record how many solves it pulls back at once, for
+    # the decisions taken from shapes (`use_stage_pullback`).
+    with vmapped_solves(enclosing_vmap_size()):
+        return _backward_first_order(
+            residuals,
+            grad_final_state,
+            inputs,
+            solver,
+            stepsize_controller,
+            saveat,
+            init_state,
+            perturbed=perturbed,
+            adjoint=adjoint,
+        )

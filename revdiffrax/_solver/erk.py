@@ -19,6 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._batching import vmap_size
 from .._varying import varying_fori_loop
 
 
@@ -291,11 +292,13 @@ def use_stage_pullback(solver, terms, t0, t1, u, args, choice=None) -> bool:
     """Whether the backward pass pulls back through a base step of `solver` one
     stage at a time (`_StagePullback`): only for explicit Runge-Kutta steps; then as
     `choice` says, or by default when their stages leave more than
-    `UNROLLED_RESIDUALS_LIMIT` bytes of residuals. Otherwise the whole step is
-    differentiated by `jax.vjp` (unrolled for explicit Runge-Kutta steps, diffrax's
-    own step otherwise)."""
+    `UNROLLED_RESIDUALS_LIMIT` bytes of residuals, counted over all the solves that
+    a `jax.vmap` pulls back at once (`vmap_size`: the shapes seen here are one
+    solve's). Otherwise the whole step is differentiated by `jax.vjp` (unrolled for
+    explicit Runge-Kutta steps, diffrax's own step otherwise)."""
     if not is_plain_erk(solver):
         return False
     if choice is not None:
         return choice
-    return stage_residual_bytes(terms, t0, t1, u, args) > UNROLLED_RESIDUALS_LIMIT
+    per_solve = stage_residual_bytes(terms, t0, t1, u, args)
+    return per_solve * vmap_size() > UNROLLED_RESIDUALS_LIMIT

@@ -667,6 +667,8 @@ Reversible.__init__.__doc__ = """**Arguments:**
     Runge-Kutta base step: `True` one stage at a time (the least memory: one stage's
     residuals, for one more evaluation of each stage), `False` through the whole
     unrolled step (faster, all stages' residuals at once), `None` (the default)
-    chooses `True` when one stage's residuals exceed 64 KiB. The size is that of a
-    single solve: under `jax.vmap` over many solves pass `True` where memory matters.
+    chooses `True` when one stage's residuals exceed 64 KiB, counted over all the
+    solves that a `jax.vmap` of the solve pulls back at once (diffrax's
+    per-sample style: a stage of one sample is small, but XLA holds the whole
+    batch's).
 """
