@@ -81,10 +81,11 @@ def check_parasitic(
 
     The host callback sits under a `cond` taken only then (`drift.on_host_if`), so
     that a solve within tolerance costs one comparison. It returns a zero that is
-    added to every floating-point output of the solve (e.g. `ys`): a dependency that
-    keeps it from being removed as unused (passing the outputs themselves through it
-    would copy them), behind a `custom_jvp` that passes tangents through, so that
-    forward-mode differentiation reaches `ReversibleAdjoint`'s own rules."""
+    added to the first element of every floating-point output of the solve (e.g.
+    `ys`): a dependency that keeps it from being removed as unused (passing the
+    outputs themselves through it would copy them), behind a `custom_jvp` that
+    passes tangents through, so that forward-mode differentiation reaches
+    `ReversibleAdjoint`'s own rules."""
     if parasitic_tol is None:
         return outputs
     if isinstance(parasitic_tol, str):
@@ -105,8 +106,10 @@ def _checked(outputs, offset, tol, report):
     zero = on_host_if(jnp.zeros((), offset.dtype), offset, tol, report)
 
     def add(x):
-        if eqx.is_inexact_array(x):
-            return x + zero.astype(x.dtype)
+        # To one element only: an update in place, so that the check costs O(1)
+        # whatever the size of the outputs (e.g. 1,000 `SaveAt(ts)` states).
+        if eqx.is_inexact_array(x) and x.size > 0:
+            return x.at[(0,) * x.ndim].add(zero.astype(x.dtype))
         return x
 
     return jtu.tree_map(add, outputs)
