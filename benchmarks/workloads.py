@@ -33,6 +33,7 @@ solve (the documented revdiffrax usage).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ class Workload:
 
     @property
     def slug(self) -> str:
-        return self.name.lower().replace(" ", "_")
+        return re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
 
     def loss(
         self, solver: diffrax.AbstractSolver, adjoint: diffrax.AbstractAdjoint
