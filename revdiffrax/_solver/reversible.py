@@ -691,10 +691,10 @@ Reversible.__init__.__doc__ = """**Arguments:**
     a vector field that reads a declared component is refused.
 - `parasitic_error`: what the error estimate that adaptive controllers see covers.
     `False` (the default): the base solver's estimates for both base steps of the
-    step, $\Psi_h(t_n, z_n)$ (which $y_{n+1}$ takes) and $\Psi_{-h}(t_{n+1},
+    step, $\\Psi_h(t_n, z_n)$ (which $y_{n+1}$ takes) and $\\Psi_{-h}(t_{n+1},
     y_{n+1})$ (which $z_{n+1}$ takes), added: both states stay within the
     tolerance, and the step sizes are about the base solver's. `True`: the first
-    of them plus the round-trip defect $\Psi_h(t_n, z_n) + \Psi_{-h}(t_{n+1},
+    of them plus the round-trip defect $\\Psi_h(t_n, z_n) + \\Psi_{-h}(t_{n+1},
     y_{n+1})$, which also grows with the parasitic mode $y - z$ where the coupling
     is too close to 1 for a dissipative problem (see
     [choosing the coupling][choosing-the-coupling]): the controller then shortens
