@@ -20,6 +20,9 @@ solve (the documented revdiffrax usage).
   depth 4, softplus, tanh output) on the cubic-Hermite interpolation of irregularly
   sampled 3-channel spirals (`experiments.neural_cde.make_spirals`), batch 32 by
   `jax.vmap`, Heun, N=1000, float64;
+- `SaveAt(ts) 1000 times` (issue 22): the white-dwarf-sized MLP (2-d state, 3-10-2
+  with t as input), Heun, N=1000, the loss the mean square of the states saved by
+  `SaveAt(ts=...)` at 1,000 times, float64;
 - `PDE`: a neural reaction-diffusion PDE on a periodic 64x64 grid (5-point Laplacian
   plus a 3x3 conv net 1-4-1), float32, Midpoint, N=2000: the state (16 KiB) is
   larger than one step's working set of the network, so storing states dominates;
@@ -41,6 +44,7 @@ checks on).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -72,10 +76,12 @@ class Workload:
     # Also measure the adjoints with their defaults: `RecursiveCheckpointAdjoint()`
     # and `ReversibleAdjoint()` (with its drift and parasitic-mode checks).
     default_rows: bool = False
+    # The number of `SaveAt(ts)` times, for losses that save them (None: t1 only).
+    num_saved: int | None = None
 
     @property
     def slug(self) -> str:
-        return self.name.lower().replace(" ", "_")
+        return re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
 
     def loss(
         self, solver: diffrax.AbstractSolver, adjoint: diffrax.AbstractAdjoint
@@ -142,6 +148,41 @@ def white_dwarf(quick: bool) -> Workload:
         100 if quick else 1000,
         jnp.float64,
         _mean_square_loss,
+    )
+
+
+def _saved_times_loss(model, y0, solver, adjoint, work):
+    """The mean square of the states saved at `work.num_saved` times of [0, 1]."""
+    dt = work.dtype
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_call_model),
+        solver,
+        jnp.asarray(0.0, dt),
+        jnp.asarray(1.0, dt),
+        jnp.asarray(1.0 / work.num_steps, dt),
+        y0,
+        args=model,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, work.num_saved, dtype=dt)),
+        adjoint=adjoint,
+        max_steps=work.num_steps,
+    )
+    return jnp.mean(sol.ys**2)
+
+
+def saved_times(quick: bool) -> Workload:
+    num = 100 if quick else 1000
+    model = VectorField(2, 10, key=jax.random.PRNGKey(0), time_dependent=True)
+    return Workload(
+        "SaveAt(ts) 1000 times",
+        f"2-d state, MLP 3-10-2 with t as input, Heun, `SaveAt(ts=...)` at {num} "
+        "times, float64",
+        model,
+        jnp.array([1.0, 0.0]),
+        diffrax.Heun(),
+        num,
+        jnp.float64,
+        _saved_times_loss,
+        num_saved=num,
     )
 
 
@@ -546,4 +587,5 @@ def workloads(quick: bool) -> dict[str, Callable[[], Workload]]:
         "CNF Dopri5": lambda: cnf(diffrax.Dopri5(), quick),
         "CNF vmap Tsit5": lambda: cnf_vmap(quick),
         "CDE vmap Tsit5 PID": lambda: cde_vmap(quick),
+        "SaveAt(ts) 1000 times": lambda: saved_times(quick),
     }

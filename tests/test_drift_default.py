@@ -23,9 +23,10 @@ def _vector_field(t, y, args):
 def _loss(args, adjoint, dtype):
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(_vector_field),
-        # Blind to the parasitic mode (the error estimate before it saw the mode),
-        # as in the reported case: ~90 steps. With the default estimate the
-        # controller takes ~5500 steps here, beyond `max_steps`.
+        # Blind to the parasitic mode (the default estimate since issue 22: the base
+        # solver's, for both base steps), as in the reported case: ~90 steps. With
+        # `parasitic_error=True` the controller takes ~5500 steps here, beyond
+        # `max_steps`.
         revdiffrax.Reversible(diffrax.Tsit5(), parasitic_error=False),
         # Times of the state's dtype: the suite runs with float64 enabled, and float64
         # times would promote the whole solve to float64.

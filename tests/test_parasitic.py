@@ -117,20 +117,73 @@ def test_parasitic_tol_number_raises_and_none_is_silent():
         revdiffrax.ReversibleAdjoint(parasitic_tol="always")  # pyright: ignore
 
 
-def test_adaptive_error_estimate_sees_the_mode():
-    """Without the parasitic term the controller keeps ~100 steps and the solution
-    is garbage; with it (the default) the controller shrinks the step towards
-    -ln(coupling) (the edge of the stable strip) and the solution is right."""
+def test_adaptive_steps_unstable_coupling_warns_or_is_controlled():
+    """With the default error estimate (both base steps' local errors) the
+    controller keeps ~100 steps, the mode grows and the solution is garbage: the
+    offset is far above the tolerance-relative threshold, so it warns. With
+    `parasitic_error=True` the controller shrinks the step towards -ln(coupling)
+    (the edge of the stable strip) and the solution is right."""
     exact = _reference()
     controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
-    adjoint = revdiffrax.ReversibleAdjoint(parasitic_tol=None)
-    blind = revdiffrax.Reversible(diffrax.Tsit5(), 0.99, parasitic_error=False)
-    sol = _solve(blind, adjoint, controller)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sol = _solve(
+            revdiffrax.Reversible(diffrax.Tsit5(), 0.99),
+            revdiffrax.ReversibleAdjoint(),
+            controller,
+        )
     assert float(np.abs(_final(sol) - exact)[0]) > 1.0
-    sol = _solve(revdiffrax.Reversible(diffrax.Tsit5(), 0.99), adjoint, controller)
+    (warning,) = _parasitic_warnings(record)
+    assert "parasitic_error=True" in str(warning.message)
+    strict = revdiffrax.Reversible(diffrax.Tsit5(), 0.99, parasitic_error=True)
+    adjoint = revdiffrax.ReversibleAdjoint(parasitic_tol=None)
+    sol = _solve(strict, adjoint, controller)
     assert float(np.abs(_final(sol) - exact)[0]) < 1e-5
-    # The blind controller took ~100 steps; this one ends at h ~ -ln(0.99) = 0.01.
+    # The default took ~100 steps; this one ends at h ~ -ln(0.99) = 0.01.
     assert int(sol.stats["num_accepted_steps"]) > 1000
+
+
+def _damped(t, y, args):
+    return jnp.stack([y[1], -y[0] - 0.6 * y[1]])
+
+
+def test_adaptive_steps_harmless_mode_costs_no_steps_and_is_quiet():
+    """A damped oscillator under `PIDController(rtol=1e-3, atol=1e-6)` (about 11
+    steps of h ~ 1, where the default coupling lets the mode grow by ~1.5x per
+    step but the solution decays faster): the solution is as accurate as the base
+    solver's, so the reversible solver takes about its steps and does not warn.
+    Before issue 22: 246 accepted steps (the round-trip defect in the estimate) and
+    a warning (offset 5e-2 > 1e-3)."""
+    controller = diffrax.PIDController(rtol=1e-3, atol=1e-6)
+
+    def solve(solver, adjoint):
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(_damped),
+            solver,
+            0.0,
+            10.0,
+            0.1,
+            jnp.array([1.0, 0.0]),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=4096,
+        )
+
+    base = solve(diffrax.Tsit5(), diffrax.RecursiveCheckpointAdjoint())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sol = solve(
+            revdiffrax.Reversible(diffrax.Tsit5()), revdiffrax.ReversibleAdjoint()
+        )
+        jax.block_until_ready(sol.ys)
+    assert not _parasitic_warnings(record)
+    steps, base_steps = (int(s.stats["num_accepted_steps"]) for s in (sol, base))
+    assert steps <= 1.5 * base_steps
+    # Within the tolerance of the solution's scale (|y0| = 1), as the base solver.
+    assert float(jnp.max(jnp.abs(_final(sol) - _final(base)))) < 2e-3
+    # The offset is far from negligible; what the threshold asks is whether it is
+    # more than the allowed local errors add up to (10 N (rtol + ...)).
+    assert 1e-3 < float(sol.stats["parasitic_offset"]) < 10 * steps * 1e-3
 
 
 def test_kalman_filter_default_coupling_warns():

@@ -288,6 +288,10 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     the parasitic mode has taken the solution from the base solver's (on a
     dissipative problem with too large a coupling it grows geometrically; see
     [choosing the coupling][choosing-the-coupling]). `"auto"` (default): issue a
-    [`revdiffrax.ParasiticModeWarning`][], once per compilation, above `1e-3`. A
-    number: raise an error above it. `None`: no check.
+    [`revdiffrax.ParasiticModeWarning`][], once per compilation, above `1e-3` with
+    constant steps; with an adaptive controller of tolerances `rtol`, `atol` over
+    $N$ accepted steps, above $10 N (\text{rtol} + \text{atol}\sqrt{n} /
+    \|y_N\|_2)$: ten times what the local errors the controller allowed can add
+    up to, beyond which the mode must have grown. A number: raise an error above
+    it. `None`: no check.
 """

@@ -100,25 +100,31 @@ class Raise:
 
 
 def on_host_if(
-    cotangents: PyTree, drift: Float[Array, ""], tol: float, check: Callable
+    cotangents: PyTree,
+    drift: Float[Array, ""],
+    tol: float,
+    check: Callable,
+    values: Array | None = None,
 ) -> PyTree:
-    """Pass the cotangents through the host callback `check`, when the drift is
-    above `tol` (or NaN). As in `equinox.error_if`: a `pure_callback` under a `cond`
-    whose output the cotangents depend on, so that it runs whichever cotangents are
-    used, and costs nothing when it is not taken (a `debug.callback`, which has side
-    effects, costs a host synchronisation on every call)."""
+    """Pass the cotangents through the host callback `check(cotangents, values)`
+    (`values` defaults to the drift), when the drift is above `tol` (or NaN). As in
+    `equinox.error_if`: a `pure_callback` under a `cond` whose output the
+    cotangents depend on, so that it runs whichever cotangents are used, and costs
+    nothing when it is not taken (a `debug.callback`, which has side effects, costs
+    a host synchronisation on every call)."""
     # `unvmap_any`: under `vmap`, one `cond` for the batch, not a `select`.
     pred = eqxi.unvmap_any(jnp.logical_not(drift <= tol))
 
-    def handle(cotangents_, drift_):
+    def handle(cotangents_, values_):
         struct = jax.eval_shape(lambda: cotangents_)
         out = jax.pure_callback(
-            check, struct, cotangents_, drift_, vmap_method="broadcast_all"
+            check, struct, cotangents_, values_, vmap_method="broadcast_all"
         )
         # Inside `jax.shard_map`, a callback's outputs are typed as replicated.
         return match_varying(out, cotangents_)
 
-    return lax.cond(pred, handle, lambda c, _: c, cotangents, drift)
+    values = drift if values is None else values
+    return lax.cond(pred, handle, lambda c, _: c, cotangents, values)
 
 
 def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:

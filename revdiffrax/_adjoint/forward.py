@@ -23,7 +23,7 @@ from .checkpoints import (
 from .cotangents import save_states
 from .events import EventRecord, with_cond_fns
 from .jumps import empty_jump_records, JumpRecords, record_jump
-from .parasitic import check_parasitic, parasitic_offset
+from .parasitic import auto_parasitic_threshold, check_parasitic, parasitic_offset
 from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import needs_recording, T1Coefficients
 
@@ -224,15 +224,20 @@ def _event_record(final_state, event, t_event, user_subs) -> EventRecord | None:
     )
 
 
-def _check_parasitic_mode(final_state, aux_stats: dict, solver, parasitic_tol):
+def _check_parasitic_mode(
+    final_state, aux_stats: dict, solver, controller, parasitic_tol
+):
     """`sol.stats["parasitic_offset"]` and its check (`parasitic.py`), for solvers
     with a second state."""
     offset = parasitic_offset(solver, final_state.y, final_state.solver_state)
     if offset is None:
         return final_state, aux_stats
+    threshold = auto_parasitic_threshold(
+        controller, final_state.y, final_state.num_accepted_steps
+    )
     # Both the outputs and the stat depend on the check, whichever is used.
     save_state, offset = check_parasitic(
-        (final_state.save_state, offset), offset, parasitic_tol
+        (final_state.save_state, offset), offset, parasitic_tol, threshold
     )
     final_state = eqx.tree_at(
         lambda s: s.save_state, final_state, save_state, is_leaf=_is_none
@@ -307,7 +312,11 @@ def forward(
     event_record = _event_record(final_state, event, t_event, user_subs)
     if not record_root:  # (with a root, y is at the event, z at the step's end)
         final_state, aux_stats = _check_parasitic_mode(
-            final_state, aux_stats, loop_kwargs["solver"], adjoint.parasitic_tol
+            final_state,
+            aux_stats,
+            loop_kwargs["solver"],
+            loop_kwargs["stepsize_controller"],
+            adjoint.parasitic_tol,
         )
     residuals = Residuals(
         y=final_state.y,
