@@ -102,6 +102,16 @@ class Raise:
 def on_host_if(
     cotangents: PyTree, drift: Float[Array, ""], tol: float, check: Callable
 ) -> PyTree:
+    """`_on_host_if`, whose tangents (under forward-over-reverse differentiation:
+    a callback has no JVP) are those of `cotangents`: the check runs on the primal
+    values."""
+    return _on_host_if(cotangents, drift, tol=tol, check=check)
+
+
+@eqx.filter_custom_jvp
+def _on_host_if(
+    cotangents: PyTree, drift: Float[Array, ""], *, tol: float, check: Callable
+) -> PyTree:
     """Pass the cotangents through the host callback `check`, when the drift is
     above `tol` (or NaN). As in `equinox.error_if`: a `pure_callback` under a `cond`
     whose output the cotangents depend on, so that it runs whichever cotangents are
@@ -119,6 +129,12 @@ def on_host_if(
         return match_varying(out, cotangents_)
 
     return lax.cond(pred, handle, lambda c, _: c, cotangents, drift)
+
+
+@_on_host_if.def_jvp
+def _on_host_if_jvp(primals, tangents, *, tol: float, check: Callable):
+    (cotangents, drift), (cotangents_dot, _) = primals, tangents
+    return _on_host_if(cotangents, drift, tol=tol, check=check), cotangents_dot
 
 
 def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:
