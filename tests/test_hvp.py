@@ -242,3 +242,19 @@ def test_time_tangents_are_refused(which):
     # The product would be wrong, not merely unsupported: refused at trace time.
     with pytest.raises(NotImplementedError, match=r"t0.*t1.*dt0.*DirectAdjoint"):
         jax.jvp(lambda x: grad(x, REV), (times,), (tangent,))
+
+
+def test_events_are_refused():
+    def loss(y0, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -y), SOLVERS["Reversible(Midpoint)"],
+            0.0, 5.0, 0.1, y0, adjoint=adjoint, max_steps=64,
+            event=diffrax.Event(lambda t, y, a, **kwargs: y[0] < 0.5),
+        )  # fmt: skip
+        assert sol.ys is not None
+        return jnp.sum(sol.ys**2)
+
+    y0 = jnp.array([1.0, 2.0])
+    grad = jax.grad(loss)
+    with pytest.raises(NotImplementedError, match=r"event.*DirectAdjoint"):
+        jax.jvp(lambda y: grad(y, REV), (y0,), (y0,))
