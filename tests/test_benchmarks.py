@@ -48,3 +48,17 @@ def test_pareto_quick(tmp_path, capsys):
     assert os.path.getsize(result["plot"]) > 0
     report = (tmp_path / f"pareto_{backend}.md").read_text()
     assert "## white dwarf" in report and "Command: `" in report
+
+
+def test_hvp_memory_is_flat_in_the_number_of_steps():
+    """`benchmarks/hvp_memory.py`'s measurement, on its quick model: the compiled
+    temp memory of a Hessian-vector product through `ReversibleAdjoint` does not
+    grow from N=10 to N=100 constant steps, `DirectAdjoint`'s does."""
+    from benchmarks import hvp_memory
+
+    size = hvp_memory.QUICK
+    ours = [hvp_memory.temp_bytes(size, n, "Reversible") for n in (10, 100)]
+    direct = [hvp_memory.temp_bytes(size, n, "Direct") for n in (10, 100)]
+    assert all(isinstance(x, int) and x > 0 for x in ours + direct), (ours, direct)
+    assert ours[1] <= 1.1 * ours[0]
+    assert direct[1] > 1.1 * direct[0]

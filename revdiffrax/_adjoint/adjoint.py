@@ -105,9 +105,19 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     (`event=diffrax.Event(...)`: boolean conditions, real-valued ones with a root
     finder, whose event time `sol.ts[-1]` is differentiated by the implicit function
     theorem, and several conditions at once; not on SDEs, nor with
-    `SaveAt(steps=...)`). Only first derivatives in reverse mode: forward
-    mode (`jax.jvp`) and second derivatives (`jax.hessian`, `jax.grad` of `jax.grad`)
-    raise an error that points to `diffrax.DirectAdjoint`.
+    `SaveAt(steps=...)`).
+
+    Second derivatives in forward-over-reverse mode: Hessian-vector products
+    `jax.jvp(jax.grad(loss), (params,), (v,))` and `jax.hessian` (`jax.jacfwd` of
+    `jax.jacrev`), with respect to `y0`, `args` and the terms' parameters, also in
+    O(1) memory: under the outer `jax.jvp` the backward pass rebuilds the tangents of
+    the states alongside the states (see [second
+    derivatives][second-derivatives]). Reverse-over-reverse (`jax.grad` of
+    `jax.grad`), second derivatives with respect to times (`t0`, `t1`, `dt0`,
+    `SaveAt(ts=...)`) or through an `event` raise an error that names the supported
+    route (forward-over-reverse, or `diffrax.DirectAdjoint`). Plain forward mode
+    (`jax.jvp` of the solve) is not supported (JAX refuses it on a `custom_vjp`); use
+    `diffrax.ForwardMode()`.
 
     The backward pass ends by rebuilding `y0`, which is also known exactly; the
     relative difference $\|\hat y_0 - y_0\|_2 / \|y_0\|_2$ measures how much rounding

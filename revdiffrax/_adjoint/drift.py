@@ -106,6 +106,21 @@ def on_host_if(
     check: Callable,
     values: Array | None = None,
 ) -> PyTree:
+    """`_on_host_if`, whose tangents (under forward-over-reverse differentiation:
+    a callback has no JVP) are those of `cotangents`: the check runs on the primal
+    values."""
+    return _on_host_if(cotangents, drift, values, tol=tol, check=check)
+
+
+@eqx.filter_custom_jvp
+def _on_host_if(
+    cotangents: PyTree,
+    drift: Float[Array, ""],
+    values: Array | None,
+    *,
+    tol: float,
+    check: Callable,
+) -> PyTree:
     """Pass the cotangents through the host callback `check(cotangents, values)`
     (`values` defaults to the drift), when the drift is above `tol` (or NaN). As in
     `equinox.error_if`: a `pure_callback` under a `cond` whose output the
@@ -125,6 +140,13 @@ def on_host_if(
 
     values = drift if values is None else values
     return lax.cond(pred, handle, lambda c, _: c, cotangents, values)
+
+
+@_on_host_if.def_jvp
+def _on_host_if_jvp(primals, tangents, *, tol: float, check: Callable):
+    (cotangents, drift, values), (cotangents_dot, _, _) = primals, tangents
+    out = _on_host_if(cotangents, drift, values, tol=tol, check=check)
+    return out, cotangents_dot
 
 
 def _warn_if_large(cotangents: PyTree, drift: Float[Array, ""]) -> PyTree:

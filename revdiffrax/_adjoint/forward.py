@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 from diffrax._integrate import SaveState
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._varying import make_varying, varying_axes, while_loop
+from .._varying import make_varying, match_varying, varying_axes, while_loop
 from .checkpoints import (
     empty_checkpoints,
     num_checkpoints,
@@ -182,13 +182,23 @@ def _outer_loop(
     return loop
 
 
-def _with_inputs(init_state, inputs: DiffInputs):
-    """diffrax's initial state, with the differentiable inputs in it."""
+def _with_inputs(init_state, inputs: DiffInputs, solver, reinit: bool):
+    """diffrax's initial state, with the differentiable inputs in it.
+
+    `reinit`: remake the initial solver state from the inputs with `solver.init`
+    (e.g. z_0 = y_0), so that it carries their tangents under an outer `jax.jvp`
+    (forward-over-reverse); the copy the loop was given is stop-gradiented."""
     init_state = eqx.tree_at(lambda s: s.y, init_state, inputs.y0)
     init_state = eqx.tree_at(lambda s: s.tprev, init_state, inputs.t0)
-    if inputs.solver_state0 is not None:
+    state0 = inputs.solver_state0
+    if state0 is None and reinit:
+        state0 = solver.init(
+            inputs.terms, inputs.t0, init_state.tnext, inputs.y0, inputs.args
+        )
+        state0 = match_varying(state0, init_state.solver_state)
+    if state0 is not None:
         init_state = eqx.tree_at(
-            lambda s: s.solver_state, init_state, inputs.solver_state0
+            lambda s: s.solver_state, init_state, state0, is_leaf=_is_none
         )
     return init_state
 
@@ -260,7 +270,9 @@ def forward(
     residuals of the backward pass. `diff_times`: whether `t0`, `t1` or `dt0` will
     be differentiated."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
-    init_state = _with_inputs(init_state, inputs)
+    init_state = _with_inputs(
+        init_state, inputs, loop_kwargs["solver"], reinit=with_checkpoints
+    )
     user_subs = subsaveats(saveat)
     event = loop_kwargs.get("event")
     if event is not None:

@@ -1,7 +1,18 @@
 """The `custom_vjp` around the solve: `forward` on the way in, `backward` on the way
-out; and the refusal of higher-order derivatives."""
+out; what of higher-order differentiation is supported, and the refusal of the
+rest.
+
+Forward-over-reverse (`jax.jvp` of `jax.grad`, `jax.hessian` = `jax.jacfwd` of
+`jax.jacrev`) works by JAX's own rules: under an outer `jax.jvp` the forward pass
+runs on tangent-carrying inputs, so its residuals (y_N, the solver state at t_N)
+carry their tangents, and the backward pass, which is ordinary traceable code,
+rebuilds the states together with their tangents while pulling the cotangents
+back. Memory stays O(1) in the number of steps: the tangents are reconstructed, not
+stored. Reverse-over-reverse would need the transpose of the backward loop (a
+`while_loop`), and is refused with `_REVERSE_OVER_REVERSE_MESSAGE`."""
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax.tree_util as jtu
 
 from .._batching import enclosing_vmap_size, vmapped_solves
@@ -9,15 +20,52 @@ from .backward import backward
 from .forward import DiffInputs, forward
 
 
-_HIGHER_ORDER_MESSAGE = (
-    "`ReversibleAdjoint` computes first derivatives only. Its backward pass rebuilds "
-    "the solve from its final state, and JAX cannot differentiate that rebuilt "
-    "solve correctly, so second derivatives (`jax.hessian`, "
-    "`jax.jacfwd(jax.jacrev(...))`, `jax.jvp` of `jax.grad`, or `jax.grad` of "
-    "`jax.grad`) are refused instead of returned wrong. Use "
-    "`adjoint=diffrax.DirectAdjoint()`, which supports forward- and reverse-mode "
-    "derivatives of any order, for the solve you need them of."
+_REVERSE_OVER_REVERSE_MESSAGE = (
+    "`ReversibleAdjoint` supports second derivatives in forward-over-reverse mode "
+    "only: `jax.jvp(jax.grad(loss), (params,), (v,))` (Hessian-vector products), "
+    "`jax.hessian` or `jax.jacfwd(jax.jacrev(...))`. Reverse-over-reverse "
+    "(`jax.grad` of `jax.grad`, `jax.jacrev` of `jax.jacrev`) would differentiate "
+    "its backward loop in reverse mode, which JAX cannot do. Use one of the "
+    "forward-over-reverse forms above, or `adjoint=diffrax.DirectAdjoint()`, which "
+    "supports derivatives of any order in any mode."
 )
+
+_TIME_TANGENT_MESSAGE = (
+    "`ReversibleAdjoint` computes second derivatives (forward-over-reverse: "
+    "`jax.jvp` of `jax.grad`, `jax.hessian`) with respect to `y0`, `args` and the "
+    "parameters of the terms only, not with respect to `t0`, `t1`, `dt0` or "
+    "`SaveAt(ts=...)`: a tangent reached one of these. Keep the times out of the "
+    "outer differentiation (e.g. `jax.lax.stop_gradient` them, or close over "
+    "constants), or use `adjoint=diffrax.DirectAdjoint()` for second derivatives "
+    "with respect to times."
+)
+
+_EVENT_TANGENT_MESSAGE = (
+    "`ReversibleAdjoint` does not compute second derivatives (forward-over-reverse: "
+    "`jax.jvp` of `jax.grad`, `jax.hessian`) of solves with an `event`. Use "
+    "`adjoint=diffrax.DirectAdjoint()` for these."
+)
+
+
+@eqx.filter_custom_jvp
+def _check_outer_tangents(inputs: DiffInputs, *, has_event: bool) -> DiffInputs:
+    """The identity on the arrays of `inputs`. Called in the forward pass, it is
+    differentiated only by an outer forward-mode differentiation
+    (forward-over-reverse), whose rule refuses tangents that the backward pass does
+    not carry correctly."""
+    del has_event
+    return inputs
+
+
+@_check_outer_tangents.def_jvp
+def _check_outer_tangents_jvp(primals, tangents, *, has_event: bool):
+    (inputs,), (tangents,) = primals, tangents
+    times = (tangents.t0, tangents.t1, tangents.dt0, tangents.ts)
+    if jtu.tree_leaves(times):
+        raise NotImplementedError(_TIME_TANGENT_MESSAGE)
+    if has_event and jtu.tree_leaves(tangents):
+        raise NotImplementedError(_EVENT_TANGENT_MESSAGE)
+    return inputs, tangents
 
 
 @eqx.filter_custom_vjp
@@ -28,48 +76,14 @@ def loop_reversible(inputs: DiffInputs, **kwargs):
 
 @loop_reversible.def_fwd
 def _loop_reversible_fwd(perturbed, inputs: DiffInputs, **kwargs):
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    dynamic = _check_outer_tangents(dynamic, has_event=kwargs.get("event") is not None)
+    inputs = eqx.combine(dynamic, static)
     diff_times = any(jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.dt0)))
     out, residuals = forward(
         inputs, with_checkpoints=True, diff_times=diff_times, **kwargs
     )
     return out, residuals
-
-
-@eqx.filter_custom_jvp
-def _backward_first_order(
-    residuals,
-    grad_final_state,
-    inputs,
-    solver,
-    stepsize_controller,
-    saveat,
-    init_state,
-    *,
-    perturbed,
-    adjoint,
-):
-    """`backward`, behind a `custom_jvp` whose rule refuses to be differentiated.
-
-    Every argument that may hold arrays is positional, so that any differentiation
-    of the backward pass reaches the rule below (keyword arguments are treated as
-    constants)."""
-    return backward(
-        residuals,
-        grad_final_state,
-        perturbed,
-        inputs,
-        adjoint=adjoint,
-        solver=solver,
-        stepsize_controller=stepsize_controller,
-        saveat=saveat,
-        init_state=init_state,
-    )
-
-
-@_backward_first_order.def_jvp
-def _refuse_higher_order(primals, tangents, **kwargs):
-    del primals, tangents, kwargs
-    raise NotImplementedError(_HIGHER_ORDER_MESSAGE)
 
 
 @loop_reversible.def_bwd
@@ -92,14 +106,19 @@ def _loop_reversible_bwd(
     # with one solve's shapes: record how many solves it pulls back at once, for
     # the decisions taken from shapes (`use_stage_pullback`).
     with vmapped_solves(enclosing_vmap_size()):
-        return _backward_first_order(
+        cotangents = backward(
             residuals,
             grad_final_state,
+            perturbed,
             inputs,
-            solver,
-            stepsize_controller,
-            saveat,
-            init_state,
-            perturbed=perturbed,
             adjoint=adjoint,
+            solver=solver,
+            stepsize_controller=stepsize_controller,
+            saveat=saveat,
+            init_state=init_state,
         )
+    # Forward mode through the backward pass is fine (its JVP is the identity on
+    # the tangents); transposing it (reverse-over-reverse) raises the message.
+    return eqxi.nondifferentiable_backward(
+        cotangents, msg=_REVERSE_OVER_REVERSE_MESSAGE
+    )

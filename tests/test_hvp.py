@@ -1,0 +1,260 @@
+"""Hessian-vector products through `ReversibleAdjoint` (forward-over-reverse:
+`jax.jvp` of `jax.grad`, and `jax.hessian`) against `diffrax.DirectAdjoint` through
+the same solver, in float64; and the refusal of what stays unsupported."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import pytest
+import revdiffrax
+from helpers import GRAD_RTOL, tree_rel_err
+
+
+DIRECT = diffrax.DirectAdjoint()
+REV = revdiffrax.ReversibleAdjoint()
+ALF = revdiffrax.AsynchronousLeapfrog()
+
+SOLVERS = {
+    "Reversible(Euler)": revdiffrax.Reversible(diffrax.Euler()),
+    "Reversible(Midpoint)": revdiffrax.Reversible(diffrax.Midpoint()),
+    "Reversible(Tsit5)": revdiffrax.Reversible(diffrax.Tsit5()),
+    "ReversibleHeun": revdiffrax.ReversibleHeun(),
+    "LeapfrogMidpoint": revdiffrax.LeapfrogMidpoint(),
+    "AsynchronousLeapfrog": ALF,
+    "SymmetricComposition(ALF, 4)": revdiffrax.SymmetricComposition(ALF, order=4),
+}
+TS = jnp.array([0.1, 0.37, 0.9, 1.2, 1.5])
+SAVEATS = {
+    "t1": diffrax.SaveAt(t1=True),
+    "ts": diffrax.SaveAt(ts=TS),
+    "steps": diffrax.SaveAt(steps=True),
+}
+
+
+def pid(rtol: float) -> diffrax.PIDController:
+    """A PID controller; the tolerances of the tests give 10 to 30 steps."""
+    return diffrax.PIDController(rtol=rtol, atol=1e-2 * rtol)
+
+
+class Field(eqx.Module):
+    """A small neural vector field with a scalar rate in `args`."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return jnp.tanh(self.mlp(y)) * jnp.cos(t) - args * y
+
+
+MLP = eqx.nn.MLP(2, 2, 4, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
+PARAMS, STATIC = eqx.partition(
+    (jnp.array([0.6, -0.4]), jnp.array(0.5), MLP), eqx.is_inexact_array
+)
+# A tangent in y0, args and every parameter of the vector field.
+TANGENT = jax.tree_util.tree_map(
+    lambda x, k: jr.normal(k, x.shape, x.dtype),
+    PARAMS,
+    jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(PARAMS),
+        list(jr.split(jr.PRNGKey(1), len(jax.tree_util.tree_leaves(PARAMS)))),
+    ),
+)
+
+
+def ode_loss(params, adjoint, solver, controller, saveat, max_steps=48):
+    y0, a, mlp = eqx.combine(params, STATIC)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(Field(mlp)),
+        solver,
+        0.0,
+        1.5,
+        0.1,
+        y0,
+        args=a,
+        saveat=saveat,
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
+    )
+    assert sol.ys is not None
+    # Unused `steps` slots hold inf; they are not part of the loss.
+    return jnp.sum(jnp.where(jnp.isfinite(sol.ys), jnp.sin(sol.ys) ** 2, 0.0))
+
+
+def hvp(loss, params, tangent, adjoint, *args):
+    """The gradient of `loss` at `params` and its derivative along `tangent`."""
+    grad = jax.grad(lambda p: loss(p, adjoint, *args))
+    return jax.jit(lambda p, v: jax.jvp(grad, (p,), (v,)))(params, tangent)
+
+
+def check_hvp(loss, params, tangent, *args, adjoint=REV):
+    grad, product = hvp(loss, params, tangent, adjoint, *args)
+    grad_ref, product_ref = hvp(loss, params, tangent, DIRECT, *args)
+    assert tree_rel_err(grad, grad_ref) < GRAD_RTOL
+    assert tree_rel_err(product, product_ref) < GRAD_RTOL
+    # Not a trivially passing comparison: the product depends on every input.
+    for leaf in jax.tree_util.tree_leaves(product):
+        assert float(jnp.max(jnp.abs(leaf))) > 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_hvp_every_solver_constant_steps(name):
+    check_hvp(
+        ode_loss, PARAMS, TANGENT, SOLVERS[name], diffrax.ConstantStepSize(),
+        SAVEATS["ts"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, saveat, rtol",
+    [
+        ("Reversible(Tsit5)", "ts", 1e-8),
+        ("Reversible(Midpoint)", "t1", 1e-3),
+        ("Reversible(Midpoint)", "steps", 1e-3),
+        ("SymmetricComposition(ALF, 4)", "ts", 1e-4),
+    ],
+)
+def test_hvp_adaptive_steps(name, saveat, rtol):
+    check_hvp(ode_loss, PARAMS, TANGENT, SOLVERS[name], pid(rtol), SAVEATS[saveat])
+
+
+@pytest.mark.parametrize("saveat", ["t1", "steps"])
+def test_hvp_constant_steps_saveat(saveat):
+    check_hvp(
+        ode_loss, PARAMS, TANGENT, SOLVERS["Reversible(Midpoint)"],
+        diffrax.ConstantStepSize(), SAVEATS[saveat],
+    )  # fmt: skip
+
+
+def test_hvp_checkpoint_every():
+    solver = revdiffrax.Reversible(diffrax.Heun(), coupling=0.9)
+    adjoint = revdiffrax.ReversibleAdjoint(checkpoint_every=3)
+    check_hvp(
+        ode_loss, PARAMS, TANGENT, solver, pid(1e-3), SAVEATS["ts"], adjoint=adjoint
+    )
+
+
+def sde_loss(params, adjoint, solver):
+    y0, a = params
+    bm = diffrax.VirtualBrownianTree(
+        0.0, 1.0, tol=1e-3, shape=(2,), key=jr.PRNGKey(2),
+        levy_area=diffrax.SpaceTimeLevyArea,
+    )  # fmt: skip
+
+    def diffusion(t, y, a):
+        return lx.DiagonalLinearOperator(0.3 * jnp.sin(a * y))
+
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, a: -a * y**3), diffrax.ControlTerm(diffusion, bm)
+    )
+    sol = diffrax.diffeqsolve(
+        terms, solver, 0.0, 1.0, 0.1, y0, args=a, adjoint=adjoint,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, 4)), max_steps=16,
+    )  # fmt: skip
+    assert sol.ys is not None
+    return jnp.sum(jnp.cos(sol.ys))
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()],
+    ids=["Reversible(Heun)", "ReversibleHeun"],
+)
+def test_hvp_sde(solver):
+    params = (jnp.array([0.8, -0.5]), jnp.array(0.7))
+    tangent = (jnp.array([0.3, 1.0]), jnp.array(-0.6))
+    check_hvp(sde_loss, params, tangent, solver)
+
+
+def cde_loss(params, adjoint):
+    xs, a = params
+    ts = jnp.linspace(0.0, 1.0, xs.shape[0])
+    path = diffrax.LinearInterpolation(ts, xs)
+    term = diffrax.ControlTerm(lambda t, y, a: jnp.tanh(a * jnp.outer(y, y)), path)
+    sol = diffrax.diffeqsolve(
+        term, revdiffrax.Reversible(diffrax.Midpoint()), 0.0, 1.0, 0.1,
+        jnp.array([0.5, 1.0]), args=a, adjoint=adjoint, max_steps=16,
+    )  # fmt: skip
+    assert sol.ys is not None
+    return jnp.sum(sol.ys**2)
+
+
+def test_hvp_cde_data_and_args():
+    ts = jnp.linspace(0.0, 1.0, 6)
+    xs = jnp.stack([ts, jnp.sin(6 * ts)], -1)
+    tangent = (jr.normal(jr.PRNGKey(3), xs.shape), jnp.array(1.0))
+    check_hvp(cde_loss, (xs, jnp.array(0.7)), tangent)
+
+
+def test_hvp_under_vmap():
+    """A batch of tangents and a batch of parameters."""
+    solver, controller = SOLVERS["Reversible(Midpoint)"], pid(1e-3)
+    tangents = jax.tree_util.tree_map(lambda x: jnp.stack([x, -2 * x, x**2]), TANGENT)
+    params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x, 1.1 * x]), PARAMS)
+
+    def products(adjoint):
+        def one(p, v):
+            saveat = SAVEATS["ts"]
+            return hvp(ode_loss, p, v, adjoint, solver, controller, saveat, 64)[1]
+
+        return jax.vmap(one)(params, tangents)
+
+    assert tree_rel_err(products(REV), products(DIRECT)) < GRAD_RTOL
+
+
+def test_hessian_of_small_parameter_vector():
+    """`jax.hessian` (`jacfwd` of `jacrev`) in (y0, args) of a PyTree-free loss."""
+    mlp = eqx.combine(PARAMS, STATIC)[2]
+
+    def loss(theta, adjoint):
+        params = (theta[:2], theta[2], eqx.filter(mlp, eqx.is_inexact_array))
+        return ode_loss(params, adjoint, SOLVERS["ReversibleHeun"],
+                        diffrax.ConstantStepSize(), SAVEATS["t1"])  # fmt: skip
+
+    theta = jnp.array([0.6, -0.4, 0.5])
+    ours = jax.jit(jax.hessian(loss), static_argnums=1)(theta, REV)
+    reference = jax.jit(jax.hessian(loss), static_argnums=1)(theta, DIRECT)
+    assert ours.shape == (3, 3)
+    assert tree_rel_err(ours, reference) < GRAD_RTOL
+    assert float(jnp.max(jnp.abs(ours - ours.T))) < 1e-12
+
+
+def _time_loss(times, adjoint):
+    t1, dt0, ts = times
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: -a * y), SOLVERS["Reversible(Midpoint)"],
+        0.0, t1, dt0, jnp.array([1.0, 2.0]), args=0.5, adjoint=adjoint,
+        saveat=diffrax.SaveAt(ts=ts), max_steps=16,
+    )  # fmt: skip
+    assert sol.ys is not None
+    return jnp.sum(sol.ys**2)
+
+
+@pytest.mark.parametrize("which", ["t1", "dt0", "ts"])
+def test_time_tangents_are_refused(which):
+    times = (jnp.array(1.0), jnp.array(0.1), jnp.array([0.2, 0.5]))
+    index = ["t1", "dt0", "ts"].index(which)
+    tangent = tuple(jnp.ones_like(x) if i == index else jnp.zeros_like(x)
+                    for i, x in enumerate(times))  # fmt: skip
+    grad = jax.grad(_time_loss)
+    # The product would be wrong, not merely unsupported: refused at trace time.
+    with pytest.raises(NotImplementedError, match=r"t0.*t1.*dt0.*DirectAdjoint"):
+        jax.jvp(lambda x: grad(x, REV), (times,), (tangent,))
+
+
+def test_events_are_refused():
+    def loss(y0, adjoint):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, a: -y), SOLVERS["Reversible(Midpoint)"],
+            0.0, 5.0, 0.1, y0, adjoint=adjoint, max_steps=64,
+            event=diffrax.Event(lambda t, y, a, **kwargs: y[0] < 0.5),
+        )  # fmt: skip
+        assert sol.ys is not None
+        return jnp.sum(sol.ys**2)
+
+    y0 = jnp.array([1.0, 2.0])
+    grad = jax.grad(loss)
+    with pytest.raises(NotImplementedError, match=r"event.*DirectAdjoint"):
+        jax.jvp(lambda y: grad(y, REV), (y0,), (y0,))
