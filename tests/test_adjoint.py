@@ -83,7 +83,7 @@ def pytree_loss(params, y0, solver, saveat, controller, adjoint):
 
 def _grads(solver, saveat, controller):
     p = (MLP_FIELD, jnp.array(0.8))
-    g = eqx.filter_grad(pytree_loss)
+    g = eqx.filter_jit(eqx.filter_grad(pytree_loss))
     g_rev = g(p, PY0, solver, saveat, controller, REV)
     g_rca = g(p, PY0, solver, saveat, controller, RCA)
     return g_rev, g_rca
