@@ -35,9 +35,7 @@ NS = (8, 16, 32)  # numbers of steps; powers of two keep every step on the tree 
 NUM_PATHS = 64
 REF_STEPS = 256
 TREE_TOL = 2.0**-9
-# unsafe_rbg: a cheaper-to-compile PRNG than the default threefry (the Brownian
-# trees' evaluations dominate the compile time of these solves).
-KEYS = jr.split(jax.random.key(0, impl="unsafe_rbg"), NUM_PATHS)
+KEYS = jr.split(jr.PRNGKey(0), NUM_PATHS)
 
 
 def _terms(problem, bm):
@@ -240,7 +238,7 @@ def _temp_bytes(num_steps):
     dim = 4
     params, static = eqx.partition(_NeuralSDE(dim, 16, jr.PRNGKey(1)), eqx.is_array)
     bm = diffrax.VirtualBrownianTree(
-        0.0, 1.0, tol=1e-3, shape=(dim,), key=jax.random.key(2, impl="unsafe_rbg")
+        0.0, 1.0, tol=1e-3, shape=(dim,), key=jr.PRNGKey(2)
     )
     y0 = jnp.ones(dim)
 
