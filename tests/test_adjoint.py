@@ -292,9 +292,7 @@ def _sde_loss(y0, p, solver, adjoint, additive):
         1.0,
         tol=1e-3,
         shape=(2,),
-        # A cheaper-to-compile PRNG than the default threefry: the Brownian tree's
-        # evaluations dominate the compile time of the SDE gradients.
-        key=jax.random.key(0, impl="unsafe_rbg"),
+        key=jax.random.PRNGKey(0),
         levy_area=diffrax.SpaceTimeLevyArea,
     )
 
@@ -375,14 +373,13 @@ def test_cde_gradient_flows_to_data(interpolation):
 
 
 def test_sde_general_noise_and_pytree_brownian_motion():
+    key1, key2 = jax.random.split(jax.random.PRNGKey(4))
     shape = {
         "w": jax.ShapeDtypeStruct((3,), jnp.float64),
         "v": jax.ShapeDtypeStruct((), jnp.float64),
     }
-    # unsafe_rbg: cheaper to compile than threefry (see `_sde_loss`).
-    key = jax.random.key(4, impl="unsafe_rbg")
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key)
-    mix = jax.random.normal(jax.random.PRNGKey(5), (2, 3))
+    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    mix = jax.random.normal(key2, (2, 3))
 
     def diffusion(t, y, a):
         # General (non-diagonal, non-commutative) noise from a PyTree Brownian motion.
