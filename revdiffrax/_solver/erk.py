@@ -267,7 +267,14 @@ UNROLLED_RESIDUALS_LIMIT = 2**16
 
 
 def _nbytes(tree) -> int:
-    leaves = [x for x in jtu.tree_leaves(tree) if hasattr(x, "dtype")]
+    # PRNG key arrays (e.g. a `VirtualBrownianTree` built from `jax.random.key`)
+    # have an extended dtype that numpy cannot size; they are not residuals.
+    leaves = [
+        x
+        for x in jtu.tree_leaves(tree)
+        if hasattr(x, "dtype")
+        and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
