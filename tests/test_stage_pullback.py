@@ -193,3 +193,27 @@ def test_stage_pullback_chosen_under_vmap():
     rca = temp_bytes(diffrax.RecursiveCheckpointAdjoint(), diffrax.Tsit5())
     assert ours < whole_step, (ours, whole_step)
     assert ours <= rca, (ours, rca)
+
+
+def test_typed_prng_key_brownian_motion():
+    """A `VirtualBrownianTree` built from a new-style typed key (`jax.random.key`)
+    holds a key array, which sizing the stage residuals must skip (it raised
+    `TypeError: Cannot interpret 'key<fry>' as a data type`)."""
+    bm = diffrax.VirtualBrownianTree(0.0, 1.0, 1e-3, (2,), key=jr.key(0))
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, a: -a * y),
+        diffrax.ControlTerm(lambda t, y, a: 0.1 * jnp.diag(y), bm),
+    )
+
+    def loss(a, adjoint, solver):
+        sol = diffrax.diffeqsolve(
+            terms, solver, 0.0, 1.0, 0.05, jnp.array([1.0, 2.0]), args=a,
+            adjoint=adjoint, max_steps=64,
+        )  # fmt: skip
+        return jnp.sum(sol.ys**2)  # pyright: ignore[reportOptionalOperand]
+
+    solver = revdiffrax.Reversible(diffrax.Heun())
+    a = jnp.asarray(0.7)
+    got = jax.grad(loss)(a, revdiffrax.ReversibleAdjoint(), solver)
+    want = jax.grad(loss)(a, diffrax.RecursiveCheckpointAdjoint(), solver)
+    assert jnp.allclose(got, want, rtol=GRAD_RTOL, atol=0)

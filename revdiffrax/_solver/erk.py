@@ -14,6 +14,7 @@ from typing import TypeGuard
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
