@@ -53,23 +53,22 @@ def _convert_event(
     return with_cond_fns(event, [None] * len(event_fns)), event_fns
 
 
-def _differentiable_outputs(final_state, event):
-    """Outputs are differentiable through `ys`, for continuing a solve the final
-    solver state (`SaveAt(solver_state=True)`), and with an event the times saved
-    (the event time); the backward pass starts from their cotangents."""
+def _differentiable_outputs(final_state):
+    """Outputs are differentiable through `ys`, the times saved (`sol.ts`: the step
+    times, `t0`, `t1`, `SaveAt.ts` or an event time), and for continuing a solve the
+    final solver state (`SaveAt(solver_state=True)`); the backward pass starts from
+    their cotangents."""
     out = eqx.tree_at(
         lambda s: s.solver_state,
         _only_transpose_ys(final_state),
         final_state.solver_state,
         is_leaf=_is_none,
     )
-    if event is not None:
-        out = eqx.tree_at(
-            lambda s: [x.ts for x in save_states(s.save_state)],
-            out,
-            [x.ts for x in save_states(final_state.save_state)],
-        )
-    return out
+    return eqx.tree_at(
+        lambda s: [x.ts for x in save_states(s.save_state)],
+        out,
+        [x.ts for x in save_states(final_state.save_state)],
+    )
 
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
@@ -256,7 +255,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
         )
-        out = _differentiable_outputs(final_state, event)
+        out = _differentiable_outputs(final_state)
         return out, aux_stats
 
 
