@@ -254,6 +254,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
+            passed_state=passed_controller_state,
         )
         out = _differentiable_outputs(final_state)
         return out, aux_stats

@@ -318,7 +318,7 @@ def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTim
         stepto_ts=getattr(controller, "ts", None),
         jump_end_steps=None if jumps is None else jumps.end_steps,
         jump_ends=None if jumps is None else jumps.ends,
-        t1_coefficients=residuals.t1_coefficients,
+        time_coefficients=residuals.time_coefficients,
         may_stop_early=residuals.event is not None,
     )
 
