@@ -14,6 +14,8 @@ compared with RCA in float64:
   wrapper term) crashed with JAX's `CustomVJPException`.
 """
 
+import functools as ft
+
 import diffrax
 import equinox as eqx
 import jax
@@ -291,4 +293,35 @@ def test_closure_inside_wrapper_terms(kind):
     scale = jnp.asarray(0.8)
     ref = grad(model, scale, diffrax.RecursiveCheckpointAdjoint())
     ours = grad(model, scale, revdiffrax.ReversibleAdjoint())
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("kind", ["lambda", "partial"])
+def test_function_in_args_closed_over_parameters(kind):
+    # `args` holding a function of the state that closes over the parameters.
+    def model(p, y):
+        return p * jnp.tanh(y)
+
+    @eqx.filter_jit
+    def grad(p, adjoint):
+        def loss(p):
+            f = (lambda y: model(p, y)) if kind == "lambda" else ft.partial(model, p)
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, args: -args(y)),
+                revdiffrax.Reversible(diffrax.Heun()),
+                0.0,
+                1.0,
+                0.1,
+                Y0,
+                args=f,
+                adjoint=adjoint,
+                max_steps=16,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return jax.grad(loss)(p)
+
+    p = jnp.array([0.7, 1.1])
+    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(p, revdiffrax.ReversibleAdjoint())
     _assert_close(ours, ref)

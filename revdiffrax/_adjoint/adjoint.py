@@ -13,7 +13,7 @@ from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivate
 
 from .._varying import make_varying, varying_axes
 from .checks import check_inputs
-from .closure import convert_saveat, convert_terms
+from .closure import convert_args, convert_saveat, convert_terms
 from .cotangents import save_states
 from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
@@ -212,6 +212,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         axes = varying_axes((init_state, args, terms, saveat, stepsize_controller))
         diff = (init_state.y, args, terms, saveat, t0, t1, dt0)
         y0, args, terms, saveat, t0, t1, dt0 = make_varying(diff, axes)
+        args = convert_args(args)  # e.g. `args=lambda y: model(y)`
         terms = convert_terms(terms, solver, t0, init_state.tnext, y0, args)
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)

@@ -158,3 +158,88 @@ def convert_saveat(saveat: diffrax.SaveAt, t, y, args) -> diffrax.SaveAt:
 
     subs = jtu.tree_map(convert, saveat.subs, is_leaf=is_subsaveat)
     return eqx.tree_at(lambda s: s.subs, saveat, subs)
+
+
+def _holds_array(tree: Any, depth: int = 0) -> bool:
+    """Whether `tree` holds a JAX array, also inside the closures of functions."""
+    if depth > 8:
+        return False
+    for leaf in jtu.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            return True
+        if isinstance(leaf, types.FunctionType):
+            cells = _cell_values(leaf)
+            if cells is not None and _holds_array(
+                (cells, leaf.__defaults__, leaf.__kwdefaults__), depth + 1
+            ):
+                return True
+        if isinstance(leaf, ft.partial) and _holds_array(
+            (leaf.func, leaf.args, leaf.keywords), depth + 1
+        ):
+            return True
+    return False
+
+
+def _cell_values(fn: types.FunctionType) -> tuple | None:
+    """The values `fn` closes over, or None if a cell is still empty."""
+    try:
+        return tuple(cell.cell_contents for cell in fn.__closure__ or ())
+    except ValueError:
+        return None
+
+
+class _HoistedFunction(eqx.Module):
+    """A plain function whose closed-over values and default arguments are PyTree
+    fields, so that the arrays among them are leaves of `args`."""
+
+    fn: Callable = eqx.field(static=True)  # for its code and globals only
+    cells: tuple
+    defaults: tuple | None
+    kwdefaults: dict | None
+
+    def __call__(self, *args, **kwargs):
+        fn = self.fn
+        assert isinstance(fn, types.FunctionType)
+        closure = tuple(types.CellType(value) for value in self.cells)
+        new = types.FunctionType(
+            fn.__code__, fn.__globals__, fn.__name__, self.defaults, closure or None
+        )
+        new.__kwdefaults__ = self.kwdefaults
+        return new(*args, **kwargs)
+
+
+class _HoistedPartial(eqx.Module):
+    """A `functools.partial` whose function and bound arguments are PyTree fields."""
+
+    func: Callable
+    args: tuple
+    keywords: dict
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
+
+
+def _hoist(x: Any, depth: int = 0) -> Any:
+    if depth > 8 or not _holds_array(x):
+        return x
+    if isinstance(x, types.FunctionType):
+        cells = _cell_values(x)
+        if cells is None:
+            return x
+        hoisted = jtu.tree_map(lambda c: _hoist(c, depth + 1), cells)
+        defaults = jtu.tree_map(lambda c: _hoist(c, depth + 1), x.__defaults__)
+        kwdefaults = jtu.tree_map(lambda c: _hoist(c, depth + 1), x.__kwdefaults__)
+        return _HoistedFunction(x, hoisted, defaults, kwdefaults)
+    if isinstance(x, ft.partial):
+        parts = jtu.tree_map(
+            lambda c: _hoist(c, depth + 1), (x.func, x.args, x.keywords)
+        )
+        return _HoistedPartial(*parts)
+    return x
+
+
+def convert_args(args: PyTree) -> PyTree:
+    """Hoist the arrays that a function in `args` closes over (e.g.
+    `args=lambda y: model(y)`, or a `functools.partial`) into PyTree leaves, so
+    that they receive cotangents. Functions that close over no array are kept."""
+    return jtu.tree_map(_hoist, args)
