@@ -98,8 +98,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     base steps and two VJPs per step on top of the forward pass.
 
     Supports gradients with respect to `y0`, `args`, the `terms` (e.g. a neural
-    network vector field), `t0`, `t1` and `SaveAt(ts=...)`; all step size
-    controllers (with rejected steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
+    network vector field, also one closed over by a function inside a wrapper term
+    or in `args`), `t0`, `t1`, `dt0` and `SaveAt(ts=...)`, with the saved times `sol.ts`
+    differentiable outputs; all step size controllers (with rejected and clipped
+    steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
     fn=...)`; `jax.jit` and `jax.vmap`; terminating events on ODEs
     (`event=diffrax.Event(...)`: boolean conditions, real-valued ones with a root
     finder, whose event time `sol.ts[-1]` is differentiated by the implicit function
