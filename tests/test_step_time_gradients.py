@@ -5,7 +5,7 @@ The controller proposes the next step from the attempted one, so after such a
 rejection every later step time depends on `t1`. `ReversibleAdjoint` used to assume
 that only the last step time does, and on this pendulum (t1 = 2.4070...) its
 d/d(dt0) was off by 20% and d/dt1 by 8e-5, relative, silently. The dependence is
-now tracked on the forward pass (`T1Coefficients`).
+now tracked on the forward pass (`TimeCoefficients`).
 """
 
 import diffrax

@@ -13,7 +13,7 @@ from diffrax._adjoint import _only_transpose_ys  # pyright: ignore[reportPrivate
 
 from .._varying import make_varying, varying_axes
 from .checks import check_inputs
-from .closure import convert_saveat, convert_terms
+from .closure import convert_args, convert_saveat, convert_terms
 from .cotangents import save_states
 from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
@@ -53,23 +53,22 @@ def _convert_event(
     return with_cond_fns(event, [None] * len(event_fns)), event_fns
 
 
-def _differentiable_outputs(final_state, event):
-    """Outputs are differentiable through `ys`, for continuing a solve the final
-    solver state (`SaveAt(solver_state=True)`), and with an event the times saved
-    (the event time); the backward pass starts from their cotangents."""
+def _differentiable_outputs(final_state):
+    """Outputs are differentiable through `ys`, the times saved (`sol.ts`: the step
+    times, `t0`, `t1`, `SaveAt.ts` or an event time), and for continuing a solve the
+    final solver state (`SaveAt(solver_state=True)`); the backward pass starts from
+    their cotangents."""
     out = eqx.tree_at(
         lambda s: s.solver_state,
         _only_transpose_ys(final_state),
         final_state.solver_state,
         is_leaf=_is_none,
     )
-    if event is not None:
-        out = eqx.tree_at(
-            lambda s: [x.ts for x in save_states(s.save_state)],
-            out,
-            [x.ts for x in save_states(final_state.save_state)],
-        )
-    return out
+    return eqx.tree_at(
+        lambda s: [x.ts for x in save_states(s.save_state)],
+        out,
+        [x.ts for x in save_states(final_state.save_state)],
+    )
 
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
@@ -99,8 +98,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     base steps and two VJPs per step on top of the forward pass.
 
     Supports gradients with respect to `y0`, `args`, the `terms` (e.g. a neural
-    network vector field), `t0`, `t1` and `SaveAt(ts=...)`; all step size
-    controllers (with rejected steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
+    network vector field, also one closed over by a function inside a wrapper term
+    or in `args`), `t0`, `t1`, `dt0` and `SaveAt(ts=...)`, with the saved times `sol.ts`
+    differentiable outputs; all step size controllers (with rejected and clipped
+    steps); `SaveAt(t0=..., t1=..., ts=..., steps=...,
     fn=...)`; `jax.jit` and `jax.vmap`; terminating events on ODEs
     (`event=diffrax.Event(...)`: boolean conditions, real-valued ones with a root
     finder, whose event time `sol.ts[-1]` is differentiated by the implicit function
@@ -223,6 +224,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         axes = varying_axes((init_state, args, terms, saveat, stepsize_controller))
         diff = (init_state.y, args, terms, saveat, t0, t1, dt0)
         y0, args, terms, saveat, t0, t1, dt0 = make_varying(diff, axes)
+        args = convert_args(args)  # e.g. `args=lambda y: model(y)`
         terms = convert_terms(terms, solver, t0, init_state.tnext, y0, args)
         saveat = convert_saveat(saveat, t0, y0, args)
         ts = saveat_ts(saveat)
@@ -265,8 +267,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
+            passed_state=passed_controller_state,
         )
-        out = _differentiable_outputs(final_state, event)
+        out = _differentiable_outputs(final_state)
         return out, aux_stats
 
 

@@ -57,9 +57,7 @@ class _Backward(eqx.Module):
     made_jump0: PyTree  # the `made_jump` flag of the first step
     checkpoint_every: int | None = eqx.field(static=True)
     diff_times: bool = eqx.field(static=True)
-    # With `event=...` (`events.py`): the cotangents of the saved times, and
-    # whether each condition is real-valued.
-    ts_bars: list | None = None
+    # With `event=...` (`events.py`): whether each condition is real-valued.
     event_real: tuple[bool, ...] = eqx.field(default=(), static=True)
 
     def reverse_step(self, carry: _Carry, stand_in: KnownStart | None = None) -> _Carry:
@@ -176,7 +174,8 @@ class _Backward(eqx.Module):
                     zero_cotangent(args),
                 )
             if root:
-                assert event is not None and self.ts_bars is not None
+                ts_bars = self.outputs.ts_bars
+                assert event is not None and ts_bars is not None
                 is_last = (m == times.num_steps - 1) & event.root_happened()
                 slots = self.outputs.t1_slots(times, event.ts_saved)
                 d_bar, ta_bar, tb_bar, args_bar_, conds_bar, fns_bar = (
@@ -187,7 +186,7 @@ class _Backward(eqx.Module):
                         list(self.event_real),
                         self.outputs,
                         slots,
-                        self.ts_bars,
+                        ts_bars,
                         interpolation_cls,
                         dense_info,
                         times[m],
@@ -230,11 +229,11 @@ class _Backward(eqx.Module):
         )
         ts_left = [jnp.asarray(len(ts), dtype=jnp.int32) for ts in inputs.ts]
         if event is not None:
-            assert self.ts_bars is not None
             ts_left = [jnp.asarray(k, dtype=jnp.int32) for k in event.ts_saved]
+        if self.outputs.ts_bars is not None:
             slots = self.outputs.t1_slots(self.times, ts_saved)
             grads = add_saved_times(
-                self.outputs, slots, self.ts_bars, event, self.times, grads
+                self.outputs, slots, self.outputs.ts_bars, event, self.times, grads
             )
         return _Carry(
             n=residuals.num_steps,
@@ -319,20 +318,17 @@ def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTim
         stepto_ts=getattr(controller, "ts", None),
         jump_end_steps=None if jumps is None else jumps.end_steps,
         jump_ends=None if jumps is None else jumps.ends,
-        t1_coefficients=residuals.t1_coefficients,
+        time_coefficients=residuals.time_coefficients,
         may_stop_early=residuals.event is not None,
     )
 
 
-def _event_fields(residuals, grad_final_state, init_state, inputs) -> dict:
+def _event_fields(residuals, inputs) -> dict:
     if residuals.event is None:
         return {}
     t, y = inputs.t0, inputs.y0
     real = tuple(is_real(fn, t, y, inputs.args) for fn in inputs.event_fns)
-    return dict(
-        ts_bars=output_ts_cotangents(grad_final_state, init_state),
-        event_real=real,
-    )
+    return dict(event_real=real)
 
 
 def backward(
@@ -357,10 +353,12 @@ def backward(
         (residuals, grad_final_state, init_state), axes
     )
     times = _step_times(inputs, residuals, stepsize_controller)
-    # Times are differentiated only when d/dt0, d/dt1, d/dts or d/d(dt0) is wanted.
-    diff_times = any(
-        jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.ts, perturbed.dt0))
-    )
+    # The step times are differentiated only when d/dt0, d/dt1 or d/d(dt0) is
+    # wanted: `SaveAt.ts` do not move them (the outputs at `ts` are pulled back
+    # through the interpolation alone, `SavedOutputs.in_step`). Not differentiating
+    # the steps otherwise matters for SDEs, whose Brownian motion refuses tangents
+    # on its evaluation times (as it does under `RecursiveCheckpointAdjoint`).
+    diff_times = any(jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.dt0)))
     bwd = _Backward(
         solver=solver,
         inputs=inputs,
@@ -368,12 +366,20 @@ def backward(
         outputs=SavedOutputs(
             subs=subsaveats(saveat),
             bars=output_cotangents(grad_final_state, init_state),
+            # The cotangents of the saved times (`sol.ts`): they reach `SaveAt.ts`
+            # and, through the step times, (t0, t1, dt0); with an event, the event
+            # time also the state.
+            ts_bars=output_ts_cotangents(grad_final_state, init_state)
+            if diff_times
+            or any(jtu.tree_leaves(perturbed.ts))
+            or residuals.event is not None
+            else None,
         ),
         residuals=residuals,
         made_jump0=init_state.made_jump,
         checkpoint_every=adjoint.checkpoint_every,
         diff_times=diff_times,
-        **_event_fields(residuals, grad_final_state, init_state, inputs),
+        **_event_fields(residuals, inputs),
     )
     final_bar = None if grad_final_state is None else grad_final_state.solver_state
     carry = _run(bwd, final_bar)

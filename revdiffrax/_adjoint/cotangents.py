@@ -182,6 +182,9 @@ class SavedOutputs(eqx.Module):
 
     subs: list[diffrax.SubSaveAt]  # with the differentiable `ts`
     bars: list[PyTree[Array]]  # the cotangent of each sub's output buffer
+    # The cotangent of each sub's saved times (`sol.ts`), or None where no input
+    # they depend on is differentiated.
+    ts_bars: list[Array] | None = None
 
     def _with_ts(self):
         """`(i, j, sub, bar)` for the i-th sub with `ts`, the j-th sub."""
@@ -222,7 +225,8 @@ class SavedOutputs(eqx.Module):
         return self.at_step(times, n, y, args, y_bar, grads)
 
     def at_step(self, times, n, y, args, y_bar, grads):
-        """Outputs of `SubSaveAt(steps=k)` saved after accepted step n, from y_n."""
+        """Outputs of `SubSaveAt(steps=k)` saved after accepted step n, from y_n,
+        and their saved time t_n."""
         for j, (sub, bar) in enumerate(zip(self.subs, self.bars)):
             if sub.steps == 0:
                 continue
@@ -231,6 +235,8 @@ class SavedOutputs(eqx.Module):
             y_bar, grads = pull_back_save(
                 sub, j, cotangent, times, n, y, args, y_bar, grads
             )
+            if self.ts_bars is not None:
+                grads = grads.add_time(times, n, select(self.ts_bars[j], index, pred))
         return y_bar, grads
 
     def in_step(self, times, m, dense_info, interpolation_cls, args, ts_left, grads):

@@ -247,9 +247,11 @@ def pull_back_event_step(
 
 def add_saved_times(outputs, slots: list, ts_bars: list, record, times, grads):
     """Cotangents of the saved times (`sol.ts`): at t0, at each `ts` (those that
-    were saved) and at `t1` (t_N; t* is `pull_back_event_step`'s)."""
+    were saved) and at `t1` (t_N; t* is `pull_back_event_step`'s). `record` is the
+    `EventRecord`, or None without an event. (The times saved by
+    `SubSaveAt(steps=...)` are `SavedOutputs.at_step`'s.)"""
     zero = jnp.asarray(0)
-    skip_t1 = record.root_happened()
+    skip_t1 = jnp.asarray(False) if record is None else record.root_happened()
     i = 0
     for j, sub in enumerate(outputs.subs):
         bar = ts_bars[j]
@@ -261,7 +263,8 @@ def add_saved_times(outputs, slots: list, ts_bars: list, record, times, grads):
         if sub.ts is not None:
             k = jnp.arange(len(sub.ts))
             saved = bar[offset : offset + len(sub.ts)]
-            saved = jnp.where(k < record.ts_saved[i], saved, 0)
+            if record is not None:
+                saved = jnp.where(k < record.ts_saved[i], saved, 0)
             grads = eqx.tree_at(lambda g: g.ts[i], grads, grads.ts[i] + saved)
             i += 1
         if sub.t1:

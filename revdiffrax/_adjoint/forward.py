@@ -25,7 +25,7 @@ from .events import EventRecord, with_cond_fns
 from .jumps import empty_jump_records, JumpRecords, record_jump
 from .parasitic import auto_parasitic_threshold, check_parasitic, parasitic_offset
 from .saveat import replace_fns, replace_ts, subsaveats
-from .step_times import needs_recording, T1Coefficients
+from .step_times import first_end, needs_recording, StepClips, TimeCoefficients
 
 
 inner_loop = jax.named_call(while_loop, name="inner-loop")
@@ -63,9 +63,9 @@ class Residuals(eqx.Module):
     num_steps: Int[Array, ""]  # N
     checkpoints: PyTree[Array] | None
     jumps: JumpRecords | None  # the solver states discarded by jumps (`jumps.py`)
-    # d t_{n+1} / d t1 per accepted step (`T1Coefficients`), when times are
-    # differentiated under an adaptive controller.
-    t1_coefficients: Float[Array, " max_steps"] | None = None
+    # d t_{n+1} / d(t0, t1, dt0) per accepted step (`TimeCoefficients`), when times
+    # are differentiated under an adaptive controller.
+    time_coefficients: Float[Array, "max_steps 3"] | None = None
     event: EventRecord | None = None  # with `event=...` (`events.py`)
 
 
@@ -137,18 +137,19 @@ def _outer_loop(
     jump_states: bool,
     out: dict,
     axes: frozenset,
-    t1: Any = None,
+    times: tuple | None = None,
 ):
     """diffrax's outer loop, recording checkpoints (every `every` accepted steps),
-    the solver states discarded by jumps and (given `t1`) the dependence of the
-    step times on `t1`, into `out`."""
+    the solver states discarded by jumps and (given `times`: `(t1, clips, first)`)
+    the dependence of the step times on `(t0, t1, dt0)`, into `out`."""
     recorders, names = [], []
-    if t1 is not None:
-        names.append("t1_coefficients")
+    if times is not None:
+        t1, clips, first = times
+        names.append("time_coefficients")
         recorders.append(
             (
-                T1Coefficients.start(init_state, t1, max_steps),
-                lambda state, new, c: c.update(state, new, t1),
+                TimeCoefficients.start(first, max_steps),
+                lambda state, new, c: c.update(state, new, t1, clips),
             )
         )
     count = num_checkpoints(every, max_steps)
@@ -255,6 +256,31 @@ def _check_parasitic_mode(
     return final_state, {**aux_stats, "parasitic_offset": offset}
 
 
+def _time_coefficients(inputs: DiffInputs, init_state, loop_kwargs, passed_state):
+    """`(t1, clips, first)` for `TimeCoefficients`: the clips of the controller and
+    the coefficients of the first step's end."""
+    controller = loop_kwargs["stepsize_controller"]
+    solver = loop_kwargs["solver"]
+    clips = StepClips.of(controller)  # (refuses a controller it cannot follow)
+
+    def controller_init(t0, t1, dt0):
+        terms = inputs.terms
+        order = solver.error_order(terms)
+        y0, args = inputs.y0, inputs.args
+        tnext, _ = controller.init(terms, t0, t1, y0, dt0, args, solver.func, order)
+        return tnext
+
+    first = first_end(
+        controller,
+        init_state.tnext,
+        inputs.t0,
+        inputs.t1,
+        inputs.dt0,
+        None if passed_state else controller_init,
+    )
+    return inputs.t1, clips, first
+
+
 def forward(
     inputs: DiffInputs,
     *,
@@ -264,11 +290,13 @@ def forward(
     max_steps: int,
     with_checkpoints: bool,
     diff_times: bool = False,
+    passed_state: bool = False,
     **loop_kwargs,
 ) -> tuple[tuple[Any, Any], Residuals]:
     """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
     residuals of the backward pass. `diff_times`: whether `t0`, `t1` or `dt0` will
-    be differentiated."""
+    be differentiated; `passed_state`: whether a controller state was passed to
+    `diffeqsolve`."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     init_state = _with_inputs(
         init_state, inputs, loop_kwargs["solver"], reinit=with_checkpoints
@@ -304,7 +332,9 @@ def forward(
         jump_states=not loop_kwargs["solver"].reversible_across_jumps,
         out=out,
         axes=axes,
-        t1=inputs.t1 if record and diff_times else None,
+        times=_time_coefficients(inputs, init_state, loop_kwargs, passed_state)
+        if record and diff_times
+        else None,
     )
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,
@@ -337,9 +367,9 @@ def forward(
         num_steps=final_state.num_accepted_steps,
         checkpoints=out.get("checkpoints"),
         jumps=out.get("jumps"),
-        t1_coefficients=None
-        if out.get("t1_coefficients") is None
-        else out["t1_coefficients"].ends,
+        time_coefficients=None
+        if out.get("time_coefficients") is None
+        else out["time_coefficients"].ends,
         event=event_record,
     )
     return (final_state, aux_stats), residuals

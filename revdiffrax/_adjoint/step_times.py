@@ -4,8 +4,9 @@ on the differentiable time inputs `(t0, t1, dt0)`."""
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Real
+from jaxtyping import Array, Bool, Float, Int, Real
 
 
 def controller_kind(stepsize_controller: diffrax.AbstractStepSizeController) -> str:
@@ -33,42 +34,145 @@ def clip_floor(t1: Real[Array, ""]) -> Real[Array, ""]:
     return floor
 
 
-class T1Coefficients(eqx.Module):
-    r"""$\partial t / \partial t_1$ of diffrax's `tprev` and `tnext` while the loop
-    runs, and of the end of every accepted step.
+class StepClips(eqx.Module):
+    """Where an adaptive controller clips a proposed step (diffrax 0.7.2): the step
+    size to `[dtmin, dtmax]` (`PIDController`), the step's end to the next
+    `step_ts` or to just before the next `jump_ts` (`ClipStepSizeController`, also
+    made by `PIDController(step_ts=..., jump_ts=...)`). A clip replaces the step's
+    end by a value whose derivative diffrax takes to be that of the step's start
+    (a clipped size is a constant) or zero (a clipped end is a constant)."""
 
-    An adaptive controller proposes `tnext = tprev' + f (tnext - tprev)` from the
-    attempted step, with a stop-gradiented factor f, and diffrax clips a proposal
-    that reaches `t1` to `t1`. So once an attempted step that was clipped to `t1` is
-    rejected, every later step time depends on `t1` (with coefficient f, then its
-    successors'). Tracked forward, with f read off the times themselves; only when
-    a time input is differentiated (`forward`).
-    """
-
-    prev: Float[Array, ""]
-    next: Float[Array, ""]
-    ends: Float[Array, " max_steps"]  # of accepted steps 0, 1, ...
+    dtmin: Real[Array, ""] | None
+    dtmax: Real[Array, ""] | None
+    ends: Real[Array, " k"] | None  # `step_ts` and `prevbefore(jump_ts)`
 
     @classmethod
-    def start(cls, init_state, t1, max_steps: int) -> "T1Coefficients":
-        dtype = jnp.result_type(init_state.tnext)
-        hit = jnp.where(init_state.tnext == t1, 1.0, 0.0).astype(dtype)
-        return cls(jnp.zeros((), dtype), hit, jnp.zeros(max_steps, dtype))
+    def of(cls, stepsize_controller) -> "StepClips":
+        dtmin = dtmax = None
+        ends = []
+        controller = stepsize_controller
+        while controller is not None:
+            if isinstance(controller, diffrax.ClipStepSizeController):
+                if controller.store_rejected_steps is not None:
+                    raise NotImplementedError(
+                        "`ReversibleAdjoint` cannot differentiate the step times "
+                        "with respect to `t0`, `t1` or `dt0` under "
+                        "`ClipStepSizeController(store_rejected_steps=...)`, which "
+                        "later clips steps to earlier rejected times. Use "
+                        "`adjoint=diffrax.RecursiveCheckpointAdjoint()`, or do not "
+                        "differentiate with respect to the time inputs."
+                    )
+                if controller.step_ts is not None:
+                    ends.append(jnp.asarray(controller.step_ts))
+                if controller.jump_ts is not None:
+                    ends.append(eqxi.prevbefore(jnp.asarray(controller.jump_ts)))
+            if isinstance(controller, diffrax.PIDController):
+                dtmin, dtmax = controller.dtmin, controller.dtmax
+            controller = getattr(controller, "controller", None)
+        return cls(
+            None if dtmin is None else jnp.asarray(dtmin),
+            None if dtmax is None else jnp.asarray(dtmax),
+            jnp.concatenate(ends) if ends else None,
+        )
 
-    def update(self, state, new_state, t1) -> "T1Coefficients":
+    def end_clipped(self, t: Real[Array, ""]) -> Bool[Array, ""]:
+        """Whether a step ending at t was clipped to a `step_ts` or a jump."""
+        if self.ends is None:
+            return jnp.asarray(False)
+        return jnp.any(t == self.ends.astype(jnp.result_type(t)))
+
+    def size_clipped(
+        self, start: Real[Array, ""], t: Real[Array, ""]
+    ) -> Bool[Array, ""]:
+        """Whether a step from `start` ending at t had its size clipped to `dtmin`
+        or `dtmax` (diffrax adds the clipped size to the start)."""
+        clipped = jnp.asarray(False)
+        for bound in (self.dtmin, self.dtmax):
+            if bound is not None:
+                clipped = clipped | (t == start + bound.astype(jnp.result_type(t)))
+        return clipped
+
+
+def _unit(i: int, dtype) -> Float[Array, " 3"]:
+    return jnp.zeros(3, dtype).at[i].set(1)
+
+
+class TimeCoefficients(eqx.Module):
+    r"""$\partial t / \partial (t_0, t_1, dt_0)$ of diffrax's `tprev` and `tnext`
+    while the loop runs, and of the end of every accepted step.
+
+    An adaptive controller proposes `tnext = tprev' + f (tnext - tprev)` from the
+    attempted step, with a stop-gradiented factor f, so each proposal's
+    coefficients are those of the step's start plus f times those of the attempted
+    step, with f read off the times themselves. A clip replaces them (`StepClips`):
+    by those of the start where the step size was clipped to `dtmin`/`dtmax`, by
+    zero where the end was clipped to a `step_ts` or a jump, and by $e_{t_1}$ where
+    diffrax clipped it to `t1`. Tracked forward, only when a time input is
+    differentiated (`forward`).
+    """
+
+    prev: Float[Array, " 3"]
+    next: Float[Array, " 3"]
+    ends: Float[Array, "max_steps 3"]  # of accepted steps 0, 1, ...
+
+    @classmethod
+    def start(cls, first: Float[Array, " 3"], max_steps: int) -> "TimeCoefficients":
+        """From the coefficients `first` of the first step's end (`first_end`)."""
+        dtype = first.dtype
+        return cls(_unit(0, dtype), first, jnp.zeros((max_steps, 3), dtype))
+
+    def update(self, state, new_state, t1, clips: StepClips) -> "TimeCoefficients":
         """After one iteration of diffrax's loop (`state` -> `new_state`)."""
         accepted = new_state.num_accepted_steps > state.num_accepted_steps
+        # The next step starts at the end of an accepted step (then perhaps moved
+        # past a jump, by a derivative-one `nextafter`), else where it did.
         prev = jnp.where(accepted, self.next, self.prev)
+        start = jnp.where(accepted, state.tnext, state.tprev)
         attempted = state.tnext - state.tprev
-        factor = (new_state.tnext - new_state.tprev) / jnp.where(
-            attempted == 0, 1, attempted
-        )
+        factor = (new_state.tnext - start) / jnp.where(attempted == 0, 1, attempted)
         next_ = prev + factor * (self.next - self.prev)
-        next_ = jnp.where(new_state.tnext == t1, 1, next_).astype(self.next.dtype)
+        next_ = jnp.where(clips.size_clipped(start, new_state.tnext), prev, next_)
+        next_ = jnp.where(clips.end_clipped(new_state.tnext), 0, next_)
+        e_t1 = _unit(1, next_.dtype)
+        next_ = jnp.where(new_state.tnext == t1, e_t1, next_).astype(self.next.dtype)
         # Out of range (so dropped) unless the step was accepted: no copy of `ends`.
         index = jnp.where(accepted, state.num_accepted_steps, self.ends.shape[0])
         ends = self.ends.at[index].set(self.next, mode="drop")
-        return T1Coefficients(prev, next_, ends)
+        return TimeCoefficients(prev, next_, ends)
+
+
+def first_end(
+    stepsize_controller,
+    tnext: Real[Array, ""],
+    t0: Real[Array, ""],
+    t1: Real[Array, ""],
+    dt0: Real[Array, ""] | None,
+    controller_init,
+) -> Float[Array, " 3"]:
+    r"""$\partial / \partial (t_0, t_1, dt_0)$ of `tnext`, the end of the first
+    step as `diffeqsolve` set it: `controller_init(t0, t1, dt0)` (the controller's
+    `init`, with `dt0`; None for a passed controller state, which takes
+    `t0 + dt0`), clipped to `t1`. Differentiated as diffrax does; without `dt0`
+    the first step size is stop-gradiented, so only the clips matter."""
+    dtype = jnp.result_type(tnext)
+    if dt0 is None:
+        clips = StepClips.of(stepsize_controller)
+        c = jnp.where(clips.end_clipped(tnext), 0, _unit(0, dtype))
+        return jnp.where(tnext == t1, _unit(1, dtype), c).astype(dtype)
+
+    def end(times):
+        t0_, t1_, dt0_ = times[0], times[1], times[2]
+        if controller_init is None:
+            proposal = t0_ + dt0_
+        else:
+            proposal = controller_init(t0_, t1_, dt0_)
+        return jnp.minimum(proposal, t1_)
+
+    times = jnp.stack([t0, t1, dt0]).astype(dtype)
+    _, coefficients = jax.vmap(lambda v: jax.jvp(end, (times,), (v,)))(
+        jnp.eye(3, dtype=dtype)
+    )
+    return coefficients.astype(dtype)
 
 
 class StepTimes(eqx.Module):
@@ -84,14 +188,11 @@ class StepTimes(eqx.Module):
       $n \ge 2$, with $N = \lceil (t_1 - t_0) / dt_0 \rceil$ (diffrax 0.7.2 splits the
       interval uniformly after the first step);
     - adaptive controllers: every step size is the previous attempted one times a
-      stop-gradiented factor, and a proposal reaching `t1` is clipped to it, so
-      $t_n$ is linear in $(t_0, t_1, dt_0)$, translation invariant and homogeneous:
-      with $c_1 = \partial t_n / \partial t_1$ (zero unless a step clipped to `t1`
-      was rejected; tracked by `T1Coefficients`), $\partial t_n / \partial t_0 =
-      1 - c_1$ and $\partial t_n / \partial dt_0 = (t_n - (1 - c_1) t_0 - c_1 t_1)
-      / dt_0$ (Euler's theorem). (Exact unless steps were clipped by `dtmin`,
-      `dtmax`, `step_ts` or `jump_ts`; with `dt0=None` the first step is
-      stop-gradiented by diffrax and the last term is zero.)
+      stop-gradiented factor, unless it was clipped (to `t1`, `dtmin`, `dtmax`,
+      `step_ts` or a jump), so $t_n$ is piecewise linear in $(t_0, t_1, dt_0)$,
+      with coefficients tracked on the forward pass when a time input is
+      differentiated (`TimeCoefficients`). (With `dt0=None` the first step is
+      stop-gradiented by diffrax, and there is no `dt0` to differentiate.)
     - `StepTo`: $t_n$ are the user's times, $t_0$ = `t0` and $t_N$ = `t1`.
 
     Only adaptive controllers need the recorded buffer. The times of the other two
@@ -112,9 +213,9 @@ class StepTimes(eqx.Module):
     # With `jump_ts`: the steps that end at a jump, and their ends (`jumps.py`).
     jump_end_steps: Int[Array, " jumps"] | None = None
     jump_ends: Real[Array, " jumps"] | None = None
-    # d t_{n+1} / d t1 for adaptive controllers (`T1Coefficients.ends`), recorded
-    # when a time input is differentiated.
-    t1_coefficients: Float[Array, " max_steps"] | None = None
+    # d t_{n+1} / d(t0, t1, dt0) for adaptive controllers (`TimeCoefficients.ends`),
+    # recorded when a time input is differentiated.
+    time_coefficients: Float[Array, "max_steps 3"] | None = None
     # With an event, the solve may stop before `t1` (`events.py`): the last step
     # then ends where the controller put it, not at `t1`.
     may_stop_early: bool = eqx.field(default=False, static=True)
@@ -189,18 +290,11 @@ class StepTimes(eqx.Module):
             return c0, c1, zero
         c0 = jnp.where(is_last, 0.0, 1.0).astype(dtype)
         c1 = jnp.where(is_last, 1.0, 0.0).astype(dtype)
-        if self.kind == "adaptive" and self.t1_coefficients is not None:
-            size = self.t1_coefficients.shape[0]
-            c1 = self.t1_coefficients[jnp.clip(n - 1, 0, size - 1)]
-            c1 = jnp.where(is_first, 0.0, c1).astype(dtype)
-            c0 = 1 - c1
-            if self.dt0 is None:
-                return c0, c1, zero
-            safe_dt0 = jnp.where(self.dt0 == 0, 1, self.dt0)
-            # (c1 t1 is zero where c1 is, also for an infinite `t1`.)
-            c1_t1 = jnp.where(c1 == 0, 0.0, c1 * self.t1)
-            c_dt = (self[n] - c0 * self.t0 - c1_t1) / safe_dt0
-            return c0, c1, jnp.where(is_last, 0.0, c_dt).astype(dtype)
+        if self.kind == "adaptive" and self.time_coefficients is not None:
+            size = self.time_coefficients.shape[0]
+            c = self.time_coefficients[jnp.clip(n - 1, 0, size - 1)]
+            c = jnp.where(is_first, jnp.eye(3, dtype=dtype)[0], c).astype(dtype)
+            return c[0], c[1], c[2]
         if self.kind == "constant":
             planned = num_steps
             if self.may_stop_early:
