@@ -667,10 +667,10 @@ def _first_line(message: str, n: int = 200) -> str:
     lines = [ln for ln in message.strip().splitlines() if ln.strip()] or [message]
     line = lines[0]
     if "Above is the stack outside of JIT" in line:
-        line = lines[-1].strip()
-        line = "EquinoxRuntimeError: " + line.removeprefix(
-            "equinox.EquinoxRuntimeError: "
-        )
+        # equinox puts its message after the stack, before its debugging hints.
+        prefix = "equinox.EquinoxRuntimeError: "
+        found = [ln.strip() for ln in lines if ln.strip().startswith(prefix)]
+        line = "EquinoxRuntimeError: " + (found[0][len(prefix) :] if found else "?")
     return line[:n]
 
 
