@@ -664,13 +664,13 @@ def _all_finite(tree) -> bool:
 def _first_line(message: str, n: int = 200) -> str:
     """The informative line of an error message (for an error raised inside JIT by
     equinox, the message at the end rather than the stack header)."""
+    # equinox's runtime errors (from `eqx.error_if`) bury their message in a stack
+    # or a callback traceback, above its debugging hints.
+    found = re.search(r"EquinoxRuntimeError: (?!Above is the stack)(.+)", message)
+    if found:
+        return f"EquinoxRuntimeError: {found.group(1).strip()}"[:n]
     lines = [ln for ln in message.strip().splitlines() if ln.strip()] or [message]
     line = lines[0]
-    if "Above is the stack outside of JIT" in line:
-        # equinox puts its message after the stack, before its debugging hints.
-        prefix = "equinox.EquinoxRuntimeError: "
-        found = [ln.strip() for ln in lines if ln.strip().startswith(prefix)]
-        line = "EquinoxRuntimeError: " + (found[0][len(prefix) :] if found else "?")
     return line[:n]
 
 
