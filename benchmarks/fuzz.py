@@ -831,6 +831,14 @@ def summarise(results: Sequence[Result], command: str) -> str:
         *(f"| {o} | {counts.get(o, 0)} |" for o in OUTCOMES),
         "",
     ]
+    kinds = Counter(r.failure_class for r in results if r.outcome == "refused")
+    if kinds:
+        lines += [
+            f"Of the refusals, {kinds.get('refused (adjoint)', 0)} name an alternative "
+            f"adjoint and {kinds.get('refused (fix)', 0)} a concrete fix without one "
+            "(another solver, `SaveAt`, `max_steps`, ...).",
+            "",
+        ]
     failed = [r for r in results if r.outcome == "failed"]
     if failed:
         by_class: dict[str, list[Result]] = {}
