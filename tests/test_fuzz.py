@@ -12,11 +12,13 @@ import pytest
 from benchmarks import fuzz
 
 
-# (seed, case): drawn from seed 2, chosen to cover between them a pytree state, a
-# closure, a CDE on a cubic path, an SDE, a multistep and a leapfrog solver,
-# `checkpoint_every`, time running backwards, `jax.jit`, `jax.vmap`, time gradients
-# and a refused input (`SaveAt(dense=True)`).
-SLICE = [(2, 6), (2, 25), (2, 29), (2, 9), (2, 15)]
+# (seed, case), from seed 2: between them `Reversible(Midpoint)` under `PIDController`
+# with `jax.vmap` over args, `LeapfrogMidpoint` on a CDE (cubic path) backwards in
+# time under `jax.jit` with `checkpoint_every` and time gradients, an SDE,
+# `AsynchronousLeapfrog` on a dict state with a closure under `jax.vmap` over y0, and
+# a refused input (`SaveAt(dense=True)`). (A case with an event, seed 2 case 28,
+# passes too but compiles for several times as long.)
+SLICE = [(2, 10), (2, 25), (2, 29), (2, 9), (2, 15)]
 
 
 def test_cases_are_reproducible_alone():
