@@ -273,8 +273,7 @@ def _nbytes(tree) -> int:
     leaves = [
         x
         for x in jtu.tree_leaves(tree)
-        if hasattr(x, "dtype")
-        and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
     ]
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
 
