@@ -366,3 +366,32 @@ def test_closure_in_underdamped_langevin_grad_f():
     ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
     ours = grad(p, revdiffrax.ReversibleAdjoint())
     _assert_close(ours, ref)
+
+
+def _stepto_loss(t1, adjoint, traced_grid):
+    grid = jnp.linspace(0.0, 1.0, 11)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: -y + jnp.sin(t)),
+        revdiffrax.Reversible(diffrax.Heun()),
+        0.0,
+        t1,
+        None,
+        jnp.array([1.0]),
+        stepsize_controller=diffrax.StepTo(ts=t1 * grid if traced_grid else grid),
+        adjoint=adjoint,
+        max_steps=16,
+    )
+    return jnp.sum(sol.ys**2)  # pyright: ignore[reportOptionalOperand]
+
+
+def test_differentiated_controller_arrays_refused():
+    """A `StepTo` grid built from a differentiated `t1` (found by `benchmarks.fuzz`):
+    RCA differentiates through the grid (0.198208, as central differences), the
+    reversible backward pass took it as a constant and returned 0.195409 silently.
+    Now refused, naming the fix; a constant grid is unaffected."""
+    t1 = jnp.asarray(1.0)
+    with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
+        jax.grad(_stepto_loss)(t1, revdiffrax.ReversibleAdjoint(), True)
+    got = jax.grad(_stepto_loss)(t1, revdiffrax.ReversibleAdjoint(), False)
+    want = jax.grad(_stepto_loss)(t1, diffrax.RecursiveCheckpointAdjoint(), False)
+    np.testing.assert_allclose(got, want, rtol=GRAD_RTOL)

@@ -29,6 +29,38 @@ def _stop_gradient(tree: Any) -> Any:
     return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
+_CONTROLLER_TANGENT_MESSAGE = (
+    "`ReversibleAdjoint` does not differentiate the arrays of the step size "
+    "controller (e.g. `StepTo(ts=...)`, `PIDController(jump_ts=..., step_ts=...)` "
+    "computed from a differentiated input): its backward pass rebuilds the step "
+    "times from them as constants, so the gradient would silently miss their "
+    "dependence. Make them constants (`jax.lax.stop_gradient`, or build them from "
+    "undifferentiated values), or use `adjoint=diffrax.RecursiveCheckpointAdjoint()`, "
+    "which differentiates through the controller."
+)
+
+
+@eqx.filter_custom_jvp
+def _constant_arrays(arrays):
+    """The identity; its derivative rule refuses arrays that carry a tangent (so
+    also under `jax.grad`), instead of dropping it."""
+    return arrays
+
+
+@_constant_arrays.def_jvp
+def _constant_arrays_jvp(primals, tangents):
+    (arrays,), (arrays_dot,) = primals, tangents
+    if jtu.tree_leaves(arrays_dot):
+        raise NotImplementedError(_CONTROLLER_TANGENT_MESSAGE)
+    return arrays, arrays_dot
+
+
+def _constant_controller(controller):
+    """The step size controller, refusing to be differentiated."""
+    arrays, static = eqx.partition(controller, eqx.is_array)
+    return eqx.combine(_constant_arrays(arrays), static)
+
+
 def _convert_event(
     event, y0, args, terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps
 ):
@@ -257,7 +289,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             inputs,
             adjoint=self,
             solver=solver,
-            stepsize_controller=_stop_gradient(stepsize_controller),
+            stepsize_controller=_stop_gradient(
+                _constant_controller(stepsize_controller)
+            ),
             event=event,
             saveat=replace_fns(
                 replace_ts(saveat, [lax.stop_gradient(x) for x in ts]),
