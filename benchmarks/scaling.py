@@ -402,12 +402,12 @@ def horizon_1gib(work: Scaling, dtype, label: str, ns: Sequence[int]) -> str:
     if slope <= 0:
         return "unbounded (memory flat in N)"
     guess = int(n2 + (GIB - m2) / slope)
-    # Walk down from the guess until it fits (the fit is only asymptotic).
-    for _ in range(8):
-        if memory(guess) <= GIB:
-            return f"{guess:,}"
-        guess = int(guess * 0.9)
-    return f"< {guess:,}"
+    # One secant correction (the fit is only asymptotic), then the check.
+    m = memory(guess)
+    if m > GIB:
+        guess = int(n2 + (guess - n2) * (GIB - m2) / (m - m2))
+        m = memory(guess)
+    return f"{guess:,}" if m <= GIB else f"< {guess:,}"
 
 
 def _adjoint_of(label: str, n: int):
