@@ -139,6 +139,14 @@ def vmap_training(quick: bool, repeats: int) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+    x64 = jax.config.read("jax_enable_x64")
+    try:
+        return _main(argv)
+    finally:  # the sections switch float64 on and off; leave it as it was
+        jax.config.update("jax_enable_x64", x64)
+
+
+def _main(argv: Sequence[str] | None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke)")
     parser.add_argument("--repeats", type=int, default=3)
