@@ -303,7 +303,10 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     and $\lambda$ the coupling of [`revdiffrax.Reversible`][] (1 for solvers
     without one); no checkpoints when k reaches `max_steps`, whose value sizes the
     storage. E.g. k = 2563 for the default coupling 0.999 in float32, 12,606 in
-    float64, 370 for coupling 0.99 in float32. See
+    float64, 370 for coupling 0.99 in float32. The law sees only the coupling: on
+    dissipative or chaotic dynamics the reconstruction grows errors faster, so keep
+    the drift check on (or measure k with
+    [`revdiffrax.choose_checkpoint_every`][]). See
     [the horizon law][the-horizon-law].
 - `parasitic_tol`: what to do with the relative distance
     $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ between the two states of a two-state solver

@@ -18,11 +18,14 @@ follow the same law with $\lambda = 1$: $\varepsilon \sqrt{k}$.
 
 `"auto"` takes the largest k with `SAFETY * drift(k) <= tol` (`tol` the numeric
 `drift_tol`, else the warning threshold $\sqrt{\varepsilon}$); the safety factor
-covers the problem's own error growth (its Jacobian along the reconstruction), which
-the law leaves out and which is measured at 1x-8x on the benchmarks
-(`benchmarks/scaling.py`). A chaotic problem can grow faster still: measure with
-[`revdiffrax.choose_checkpoint_every`][]. Storage is `max_steps // k` states: the
-number of accepted steps is only known at run time.
+covers a modest problem-dependent error growth (its Jacobian along the
+reconstruction), measured at 1x-8x on the white dwarf and issue 24's Kuramoto runs.
+A dissipative (contracting) or chaotic problem grows errors exponentially in the
+backward reconstruction whatever the coupling (1e5-1e10 times the law on the
+synchronising network of `benchmarks/scaling.py`), and "auto" does not bound that:
+measure with [`revdiffrax.choose_checkpoint_every`][] and keep the drift warning.
+Storage is `max_steps // k` states: the number of accepted steps is only known at
+run time.
 """
 
 import math
