@@ -281,6 +281,33 @@ def _time_coefficients(inputs: DiffInputs, init_state, loop_kwargs, passed_state
     return inputs.t1, clips, first
 
 
+def _varying_save_state(init_state, axes: frozenset):
+    """Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
+    saving the (varying) solution and keeping its buffers, whose branches must have
+    equal types, so the save buffers (and our records) start as varying as the
+    inputs. (The loop carries' other types are found by `varying_while_loop`.)"""
+    return eqx.tree_at(
+        lambda s: s.save_state,
+        init_state,
+        make_varying(init_state.save_state, axes),
+        is_leaf=_is_none,
+    )
+
+
+def _residuals(final_state, step_times, out: dict, event_record) -> Residuals:
+    coefficients = out.get("time_coefficients")
+    return Residuals(
+        y=final_state.y,
+        solver_state=final_state.solver_state,
+        step_times=step_times,
+        num_steps=final_state.num_accepted_steps,
+        checkpoints=out.get("checkpoints"),
+        jumps=out.get("jumps"),
+        time_coefficients=None if coefficients is None else coefficients.ends,
+        event=event_record,
+    )
+
+
 def forward(
     inputs: DiffInputs,
     *,
@@ -311,17 +338,8 @@ def forward(
     sizes = ([max_steps] if record else []) + ([1] if record_root else [])
     if sizes:
         init_state, saveat = _with_recordings(init_state, saveat, sizes)
-    # Inside `jax.shard_map`: diffrax's loop chooses with a `lax.cond` between
-    # saving the (varying) solution and keeping its buffers, whose branches must
-    # have equal types, so the save buffers (and our records) start as varying as
-    # the inputs. (The loop carries' other types are found by `varying_while_loop`.)
     axes = varying_axes(inputs)
-    init_state = eqx.tree_at(
-        lambda s: s.save_state,
-        init_state,
-        make_varying(init_state.save_state, axes),
-        is_leaf=_is_none,
-    )
+    init_state = _varying_save_state(init_state, axes)
     out = {}
     num_jumps = count_jumps(loop_kwargs["stepsize_controller"])
     outer_while_loop = _outer_loop(
@@ -360,16 +378,5 @@ def forward(
             loop_kwargs["stepsize_controller"],
             adjoint.parasitic_tol,
         )
-    residuals = Residuals(
-        y=final_state.y,
-        solver_state=final_state.solver_state,
-        step_times=step_times,
-        num_steps=final_state.num_accepted_steps,
-        checkpoints=out.get("checkpoints"),
-        jumps=out.get("jumps"),
-        time_coefficients=None
-        if out.get("time_coefficients") is None
-        else out["time_coefficients"].ends,
-        event=event_record,
-    )
+    residuals = _residuals(final_state, step_times, out, event_record)
     return (final_state, aux_stats), residuals
