@@ -532,3 +532,20 @@ def test_base_solver_speedups_quick(tmp_path):
     assert all(r["median_s"] > 0 and r["temp_bytes"] > 0 for r in rows)
     md = (tmp_path / "base_solver_speedups.md").read_text()
     assert "| reversible |" in md and "| 1.00x |" in md and "CPUs" in md
+
+
+def test_newton_fit_quick(tmp_path):
+    """Newton-CG on Hessian-vector products through `ReversibleAdjoint` converges on
+    the Lotka-Volterra fit (no worse than Adam after 100 steps), its Hessian equals
+    `DirectAdjoint`'s, the Laplace standard deviations are finite and positive, and
+    the product's memory is below `DirectAdjoint`'s."""
+    from experiments import newton_fit
+
+    out = newton_fit.main(["--quick", "--out", str(tmp_path / "newton_fit.md")])
+    rows = list(out["rows"].values())
+    newton_loss, adam_loss = rows[0][2], rows[2][2]
+    assert newton_loss <= adam_loss
+    assert out["hessian_error"] < 1e-9
+    assert np.all(np.isfinite(out["std"])) and np.all(out["std"] > 0)
+    assert rows[0][3] < out["direct_hvp_mib"]
+    assert "Laplace" in (tmp_path / "newton_fit.md").read_text()
