@@ -536,7 +536,7 @@ def test_base_solver_speedups_quick(tmp_path):
 
 def test_newton_fit_quick(tmp_path):
     """Newton-CG on Hessian-vector products through `ReversibleAdjoint` converges on
-    the Lotka-Volterra fit (no worse than Adam after 100 steps), its Hessian equals
+    the Lotka-Volterra fit (no worse than Adam after 50 steps), its Hessian equals
     `DirectAdjoint`'s, the Laplace standard deviations are finite and positive, and
     the product's memory is below `DirectAdjoint`'s."""
     from experiments import newton_fit
