@@ -19,6 +19,7 @@ from .closure import convert_args, convert_saveat, convert_terms
 from .cotangents import save_states
 from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
+from .refusals import refuse_tangents
 from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
 
@@ -42,25 +43,15 @@ _CONTROLLER_TANGENT_MESSAGE = (
 )
 
 
-@eqx.filter_custom_jvp
-def _constant_arrays(arrays):
-    """The identity; its derivative rule refuses arrays that carry a tangent (so
-    also under `jax.grad`), instead of dropping it."""
-    return arrays
-
-
-@_constant_arrays.def_jvp
-def _constant_arrays_jvp(primals, tangents):
-    (arrays,), (arrays_dot,) = primals, tangents
-    if jtu.tree_leaves(arrays_dot):
-        raise NotImplementedError(_CONTROLLER_TANGENT_MESSAGE)
-    return arrays, arrays_dot
+def _refuse_controller_tangents(tangents: Any) -> str | None:
+    return _CONTROLLER_TANGENT_MESSAGE if jtu.tree_leaves(tangents) else None
 
 
 def _constant_controller(controller):
     """The step size controller, refusing to be differentiated."""
     arrays, static = eqx.partition(controller, eqx.is_array)
-    return eqx.combine(_constant_arrays(arrays), static)
+    arrays = refuse_tangents(arrays, refuse=_refuse_controller_tangents)
+    return eqx.combine(arrays, static)
 
 
 def _convert_event(

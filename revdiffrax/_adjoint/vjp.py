@@ -11,6 +11,8 @@ back. Memory stays O(1) in the number of steps: the tangents are reconstructed, 
 stored. Reverse-over-reverse would need the transpose of the backward loop (a
 `while_loop`), and is refused with `_REVERSE_OVER_REVERSE_MESSAGE`."""
 
+import functools as ft
+
 import equinox as eqx
 import equinox.internal as eqxi
 import jax.tree_util as jtu
@@ -18,6 +20,7 @@ import jax.tree_util as jtu
 from .._batching import enclosing_vmap_size, vmapped_solves
 from .backward import backward
 from .forward import DiffInputs, forward
+from .refusals import refuse_tangents
 
 
 _REVERSE_OVER_REVERSE_MESSAGE = (
@@ -47,25 +50,15 @@ _EVENT_TANGENT_MESSAGE = (
 )
 
 
-@eqx.filter_custom_jvp
-def _check_outer_tangents(inputs: DiffInputs, *, has_event: bool) -> DiffInputs:
-    """The identity on the arrays of `inputs`. Called in the forward pass, it is
-    differentiated only by an outer forward-mode differentiation
-    (forward-over-reverse), whose rule refuses tangents that the backward pass does
-    not carry correctly."""
-    del has_event
-    return inputs
-
-
-@_check_outer_tangents.def_jvp
-def _check_outer_tangents_jvp(primals, tangents, *, has_event: bool):
-    (inputs,), (tangents,) = primals, tangents
-    times = (tangents.t0, tangents.t1, tangents.dt0, tangents.ts)
-    if jtu.tree_leaves(times):
-        raise NotImplementedError(_TIME_TANGENT_MESSAGE)
+def _refuse_outer_tangents(tangents: DiffInputs, *, has_event: bool) -> str | None:
+    """Which tangents of an outer forward-mode differentiation (forward-over-reverse)
+    the backward pass does not carry correctly: those of the times, and any with an
+    event."""
+    if jtu.tree_leaves((tangents.t0, tangents.t1, tangents.dt0, tangents.ts)):
+        return _TIME_TANGENT_MESSAGE
     if has_event and jtu.tree_leaves(tangents):
-        raise NotImplementedError(_EVENT_TANGENT_MESSAGE)
-    return inputs, tangents
+        return _EVENT_TANGENT_MESSAGE
+    return None
 
 
 @eqx.filter_custom_vjp
@@ -77,7 +70,12 @@ def loop_reversible(inputs: DiffInputs, **kwargs):
 @loop_reversible.def_fwd
 def _loop_reversible_fwd(perturbed, inputs: DiffInputs, **kwargs):
     dynamic, static = eqx.partition(inputs, eqx.is_array)
-    dynamic = _check_outer_tangents(dynamic, has_event=kwargs.get("event") is not None)
+    refuse = ft.partial(
+        _refuse_outer_tangents, has_event=kwargs.get("event") is not None
+    )
+    # Called in the forward pass, so differentiated only by an outer forward-mode
+    # differentiation.
+    dynamic = refuse_tangents(dynamic, refuse=refuse)
     inputs = eqx.combine(dynamic, static)
     diff_times = any(jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.dt0)))
     out, residuals = forward(
