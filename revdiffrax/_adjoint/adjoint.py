@@ -19,6 +19,7 @@ from .closure import convert_args, convert_saveat, convert_terms
 from .cotangents import save_states
 from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
+from .measured import measured_leaves
 from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
 
@@ -272,6 +273,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         fns = saveat_fns(saveat)
         problem = (y0, args, terms, solver, t0, t1, dt0, saveat, stepsize_controller)
         event, event_fns = _convert_event(event, *problem, max_steps)
+        # The leaves of the state that the drift and parasitic-mode checks measure.
+        measured = measured_leaves(
+            solver, terms, t0, y0, args, fns, has_event=event is not None
+        )
         # A passed solver state is an input (`continued.py`); one made by
         # `solver.init` is re-traced on the backward pass.
         solver_state0 = init_state.solver_state if passed_solver_state else None
@@ -317,6 +322,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
             passed_state=passed_controller_state,
+            measured=measured,
         )
         out = _differentiable_outputs(final_state)
         return out, aux_stats
