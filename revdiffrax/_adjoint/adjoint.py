@@ -337,7 +337,12 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     square root of the machine epsilon of the state's dtype (3.5e-4 in float32,
     1.5e-8 in float64), i.e. when about half the digits are lost. A number: raise an
     error (via `equinox.error_if`, so also under `jax.jit`) when the drift exceeds it.
-    `None`: no check.
+    `None`: no check. Both this check and `parasitic_tol`'s measure the components
+    of the state that the gradient depends on: those a vector field reads (or the
+    pullback of a `SaveAt.fn`); a component that nothing reads, like a continuous
+    normalising flow's log-density, is left out, as its reconstruction cannot
+    affect the gradient and measuring it would cost evaluations (its trace) that
+    are otherwise skipped. (All components with an `event`, or if none is read.)
 - `drift_callback`: if set, called on the host (via `jax.debug.callback`) with the
     relative reconstruction error of `y0` every time a gradient is computed, e.g.
     `drifts = []; ReversibleAdjoint(drift_callback=drifts.append)`. With
@@ -362,7 +367,8 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     [`revdiffrax.choose_checkpoint_every`][]). See
     [the horizon law][the-horizon-law].
 - `parasitic_tol`: what to do with the relative distance
-    $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ between the two states of a two-state solver
+    $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ (over the components measured, see
+    `drift_tol`) between the two states of a two-state solver
     ([`revdiffrax.Reversible`][], [`revdiffrax.ReversibleHeun`][]) at the end of the
     forward solve, reported as `sol.stats["parasitic_offset"]`. It measures how far
     the parasitic mode has taken the solution from the base solver's (on a
