@@ -87,3 +87,36 @@ def test_accurate_gradient_is_silent():
 def test_bad_drift_tol_is_refused(tol):
     with pytest.raises(ValueError, match="drift_tol"):
         revdiffrax.ReversibleAdjoint(drift_tol=tol)
+
+
+def _with_running_cost(t, y, args):
+    x, _ = y
+    return _vector_field(t, x, args), x[0]
+
+
+def test_warns_beside_a_component_that_nothing_reads():
+    # The checks measure the components that the vector field reads (`measured.py`):
+    # beside a running cost, which nothing reads, the drift of the state is caught.
+    def loss(args):
+        dtype = jnp.float32
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_with_running_cost),
+            revdiffrax.Reversible(diffrax.Tsit5(), parasitic_error=False),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(140.0, dtype),
+            jnp.asarray(0.1, dtype),
+            (jnp.array([10.0, 10.0], dtype), jnp.zeros((), dtype)),
+            args=args,
+            stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-5),
+            adjoint=revdiffrax.ReversibleAdjoint(),
+            max_steps=4096,
+        )
+        x, cost = sol.ys  # pyright: ignore[reportGeneralTypeIssues]
+        return jnp.sum(x[-1]) + cost[-1]
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        jax.block_until_ready(
+            jax.jit(jax.grad(loss))(jnp.array([0.1, 0.02, 0.4, 0.02], jnp.float32))
+        )
+    assert len(_drift_warnings(record)) == 1

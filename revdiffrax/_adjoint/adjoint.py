@@ -19,6 +19,7 @@ from .closure import convert_args, convert_saveat, convert_terms
 from .cotangents import save_states
 from .events import convert_event, with_cond_fns
 from .forward import DiffInputs
+from .measured import measured_leaves
 from .refusals import refuse_tangents
 from .saveat import replace_fns, replace_ts, saveat_fns, saveat_ts
 from .vjp import loop_reversible
@@ -263,6 +264,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         fns = saveat_fns(saveat)
         problem = (y0, args, terms, solver, t0, t1, dt0, saveat, stepsize_controller)
         event, event_fns = _convert_event(event, *problem, max_steps)
+        # The leaves of the state that the drift and parasitic-mode checks measure.
+        measured = measured_leaves(
+            solver, terms, t0, y0, args, fns, has_event=event is not None
+        )
         # A passed solver state is an input (`continued.py`); one made by
         # `solver.init` is re-traced on the backward pass.
         solver_state0 = init_state.solver_state if passed_solver_state else None
@@ -308,6 +313,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
             passed_state=passed_controller_state,
+            measured=measured,
         )
         out = _differentiable_outputs(final_state)
         return out, aux_stats
@@ -322,7 +328,12 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     square root of the machine epsilon of the state's dtype (3.5e-4 in float32,
     1.5e-8 in float64), i.e. when about half the digits are lost. A number: raise an
     error (via `equinox.error_if`, so also under `jax.jit`) when the drift exceeds it.
-    `None`: no check.
+    `None`: no check. Both this check and `parasitic_tol`'s measure the components
+    of the state that the gradient depends on: those a vector field reads (or the
+    pullback of a `SaveAt.fn`); a component that nothing reads, like a continuous
+    normalising flow's log-density, is left out, as its reconstruction cannot
+    affect the gradient and measuring it would cost evaluations (its trace) that
+    are otherwise skipped. (All components with an `event`, or if none is read.)
 - `drift_callback`: if set, called on the host (via `jax.debug.callback`) with the
     relative reconstruction error of `y0` every time a gradient is computed, e.g.
     `drifts = []; ReversibleAdjoint(drift_callback=drifts.append)`. With
@@ -347,7 +358,8 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     [`revdiffrax.choose_checkpoint_every`][]). See
     [the horizon law][the-horizon-law].
 - `parasitic_tol`: what to do with the relative distance
-    $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ between the two states of a two-state solver
+    $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ (over the components measured, see
+    `drift_tol`) between the two states of a two-state solver
     ([`revdiffrax.Reversible`][], [`revdiffrax.ReversibleHeun`][]) at the end of the
     forward solve, reported as `sol.stats["parasitic_offset"]`. It measures how far
     the parasitic mode has taken the solution from the base solver's (on a

@@ -59,6 +59,8 @@ class _Backward(eqx.Module):
     diff_times: bool = eqx.field(static=True)
     # With `event=...` (`events.py`): whether each condition is real-valued.
     event_real: tuple[bool, ...] = eqx.field(default=(), static=True)
+    # The leaves of the state whose drift is measured (`measured.py`; None: all).
+    measured: tuple[bool, ...] | None = eqx.field(default=None, static=True)
 
     def reverse_step(self, carry: _Carry, stand_in: KnownStart | None = None) -> _Carry:
         """Undo step m = n - 1 and pull the cotangents back through it (with
@@ -69,7 +71,14 @@ class _Backward(eqx.Module):
         checkpoints, every = self.residuals.checkpoints, self.checkpoint_every
         if checkpoints is not None and every is not None:
             y1, state1, drift = restore_checkpoint(
-                n, times.num_steps, y1, state1, drift, every, checkpoints
+                n,
+                times.num_steps,
+                y1,
+                state1,
+                drift,
+                every,
+                checkpoints,
+                self.measured,
             )
         carry = eqx.tree_at(
             lambda c: (c.y, c.solver_state, c.drift),
@@ -134,7 +143,7 @@ class _Backward(eqx.Module):
             y1, _, _, _, _ = self.solver.step(
                 inputs.terms, times[m], times.end(m), y_j, inputs.args, state_j, True
             )
-            drift = jnp.maximum(carry.drift, relative_drift(carry.y, y1))
+            drift = jnp.maximum(carry.drift, relative_drift(carry.y, y1, self.measured))
             return *pull_back(KnownStart(self.solver, y_j, state_j), True), drift
 
         def otherwise(_):
@@ -261,7 +270,7 @@ class _Backward(eqx.Module):
             carry.solver_state,
             made_jump0,
         )
-        drift = jnp.maximum(carry.drift, relative_drift(y0, inputs.y0))
+        drift = jnp.maximum(carry.drift, relative_drift(y0, inputs.y0, self.measured))
         stand_in = KnownStart(self.solver, inputs.y0, inputs.solver_state0)
         carry = self.reverse_step(carry, stand_in)
         return eqx.tree_at(lambda c: c.drift, carry, drift)
@@ -342,8 +351,10 @@ def backward(
     stepsize_controller,
     saveat,
     init_state,
+    measured: tuple[bool, ...] | None = None,
 ) -> DiffInputs:
-    """The cotangents of the differentiable inputs, from those of the outputs."""
+    """The cotangents of the differentiable inputs, from those of the outputs.
+    `measured`: the leaves of the state whose drift is measured (`measured.py`)."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     # Inside `jax.shard_map` the inputs vary over the mesh (`ReversibleAdjoint.loop`
     # made them); what the backward pass combines with them does too, so that every
@@ -379,6 +390,7 @@ def backward(
         made_jump0=init_state.made_jump,
         checkpoint_every=adjoint.checkpoint_every,
         diff_times=diff_times,
+        measured=measured,
         **_event_fields(residuals, inputs),
     )
     final_bar = None if grad_final_state is None else grad_final_state.solver_state
@@ -392,7 +404,10 @@ def backward(
         y_bar, grads = bwd.pull_back_init(carry, init_state.tnext)
     else:
         solver_state0_bar = carry.solver_state_bar
-    drift = jnp.maximum(carry.drift, relative_drift(carry.y, inputs.y0))
+    # Measured on the leaves whose reconstruction the gradient depends on: on
+    # others (a CNF's log-density) it would keep alive their reconstruction, and
+    # the evaluations only it needs, which XLA otherwise removes (`measured.py`).
+    drift = jnp.maximum(carry.drift, relative_drift(carry.y, inputs.y0, measured))
     terms_bar, args_bar = grads.params
     dt0_bar = None
     if eqx.is_inexact_array(inputs.dt0):

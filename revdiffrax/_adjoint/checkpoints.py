@@ -100,9 +100,11 @@ def restore_checkpoint(
     drift: Float[Array, ""],
     every: int,
     checkpoints: PyTree[Array],
+    measured: tuple[bool, ...] | None = None,
 ) -> tuple[PyTree, PyTree, Float[Array, ""]]:
     """At a checkpoint, measure how far the reconstruction has drifted over the
-    segment since the previous one, then continue from the stored state."""
+    segment since the previous one (on the leaves `measured` marks), then continue
+    from the stored state."""
     # The checkpoint at `num_steps` (if any) equals the final state; skip it.
     pred = (n >= every) & (n % every == 0) & (n < num_steps)
     current, static = eqx.partition((y, solver_state), eqx.is_array)
@@ -110,7 +112,7 @@ def restore_checkpoint(
     def restore(operands):
         current_, drift_ = operands
         stored = jtu.tree_map(lambda b: b[_index(n, every, checkpoints)], checkpoints)
-        drift_ = jnp.maximum(drift_, relative_drift(current_[0], stored[0]))
+        drift_ = jnp.maximum(drift_, relative_drift(current_[0], stored[0], measured))
         return stored, drift_
 
     # A `cond`, not a `where`: most steps are not checkpoints.

@@ -15,12 +15,18 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from .._varying import match_varying, varying_axes
+from .measured import select
 
 
-def relative_drift(y_rec: PyTree[Array], y_true: PyTree[Array]) -> Float[Array, ""]:
-    """Relative 2-norm error $\\|y_{rec} - y\\|_2 / \\|y\\|_2$ (absolute if y = 0)."""
-    leaves_rec = jtu.tree_leaves(y_rec)
-    leaves_true = jtu.tree_leaves(y_true)
+def relative_drift(
+    y_rec: PyTree[Array],
+    y_true: PyTree[Array],
+    measured: tuple[bool, ...] | None = None,
+) -> Float[Array, ""]:
+    """Relative 2-norm error $\\|y_{rec} - y\\|_2 / \\|y\\|_2$ (absolute if y = 0),
+    over the leaves that `measured` marks (`measured.py`; None: all of them)."""
+    leaves_rec = select(y_rec, measured)
+    leaves_true = select(y_true, measured)
     err = sum(jnp.sum(jnp.abs(a - b) ** 2) for a, b in zip(leaves_rec, leaves_true))
     size = sum(jnp.sum(jnp.abs(b) ** 2) for b in leaves_true)
     err = jnp.sqrt(err)

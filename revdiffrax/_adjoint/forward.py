@@ -236,15 +236,15 @@ def _event_record(final_state, event, t_event, user_subs) -> EventRecord | None:
 
 
 def _check_parasitic_mode(
-    final_state, aux_stats: dict, solver, controller, parasitic_tol
+    final_state, aux_stats: dict, solver, controller, parasitic_tol, measured
 ):
     """`sol.stats["parasitic_offset"]` and its check (`parasitic.py`), for solvers
-    with a second state."""
-    offset = parasitic_offset(solver, final_state.y, final_state.solver_state)
+    with a second state, on the leaves `measured` marks (`measured.py`)."""
+    offset = parasitic_offset(solver, final_state.y, final_state.solver_state, measured)
     if offset is None:
         return final_state, aux_stats
     threshold = auto_parasitic_threshold(
-        controller, final_state.y, final_state.num_accepted_steps
+        controller, final_state.y, final_state.num_accepted_steps, measured
     )
     # Both the outputs and the stat depend on the check, whichever is used.
     save_state, offset = check_parasitic(
@@ -318,12 +318,14 @@ def forward(
     with_checkpoints: bool,
     diff_times: bool = False,
     passed_state: bool = False,
+    measured: tuple[bool, ...] | None = None,
     **loop_kwargs,
 ) -> tuple[tuple[Any, Any], Residuals]:
     """Run the solve. Returns diffrax's `(final_state, aux_stats)` and the
     residuals of the backward pass. `diff_times`: whether `t0`, `t1` or `dt0` will
     be differentiated; `passed_state`: whether a controller state was passed to
-    `diffeqsolve`."""
+    `diffeqsolve`; `measured`: the leaves of the state that the parasitic-mode
+    check measures (`measured.py`; None: all)."""
     saveat = replace_fns(replace_ts(saveat, inputs.ts), inputs.fns)
     init_state = _with_inputs(
         init_state, inputs, loop_kwargs["solver"], reinit=with_checkpoints
@@ -377,6 +379,7 @@ def forward(
             loop_kwargs["solver"],
             loop_kwargs["stepsize_controller"],
             adjoint.parasitic_tol,
+            measured,
         )
     residuals = _residuals(final_state, step_times, out, event_record)
     return (final_state, aux_stats), residuals

@@ -27,6 +27,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from .drift import on_host_if, Raise, relative_drift
+from .measured import select
 
 
 AUTO_PARASITIC_TOL = 1e-3
@@ -71,19 +72,26 @@ _ERROR = (
 )
 
 
-def parasitic_offset(solver: Any, y: PyTree, solver_state: PyTree) -> Any:
-    """`sol.stats["parasitic_offset"]`, or None for solvers without a second
-    state."""
+def parasitic_offset(
+    solver: Any,
+    y: PyTree,
+    solver_state: PyTree,
+    measured: tuple[bool, ...] | None = None,
+) -> Any:
+    """`sol.stats["parasitic_offset"]`, over the leaves that `measured` marks
+    (`measured.py`: those a vector field reads; None: all), or None for solvers
+    without a second state."""
     z = solver.second_state(y, solver_state)
     if z is None:
         return None
-    return lax.stop_gradient(relative_drift(z, y))
+    return lax.stop_gradient(relative_drift(z, y, measured))
 
 
 def auto_parasitic_threshold(
     controller: diffrax.AbstractStepSizeController,
     y: PyTree,
     num_steps: Int[ArrayLike, ""],
+    measured: tuple[bool, ...] | None = None,
 ) -> Float[Array, ""] | float:
     r"""The offset above which `parasitic_tol="auto"` warns.
 
@@ -99,7 +107,8 @@ def auto_parasitic_threshold(
 
     $$10\,N\,\big(\text{rtol} + \text{atol}\sqrt{n}\,/\,\|y_N\|_2\big),$$
 
-    ($n$ the number of components), but at least $100\epsilon$ of the dtype.
+    ($n$ the number of components), but at least $100\epsilon$ of the dtype; $y_N$
+    and $n$ over the leaves that `measured` marks, as the offset is.
     """
     rtol = getattr(controller, "rtol", None)
     atol = getattr(controller, "atol", None)
@@ -109,7 +118,7 @@ def auto_parasitic_threshold(
         or not isinstance(atol, (int, float))
     ):
         return AUTO_PARASITIC_TOL
-    leaves = [x for x in jtu.tree_leaves(y) if eqx.is_inexact_array(x)]
+    leaves = [x for x in select(y, measured) if eqx.is_inexact_array(x)]
     size = sum(x.size for x in leaves)
     norm = jnp.sqrt(sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves))
     eps = float(np.finfo(jnp.result_type(*leaves)).eps)

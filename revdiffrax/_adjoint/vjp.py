@@ -96,6 +96,7 @@ def _loop_reversible_bwd(
     stepsize_controller,
     saveat,
     init_state,
+    measured=None,
     **kwargs,
 ):
     del kwargs
@@ -114,6 +115,7 @@ def _loop_reversible_bwd(
             stepsize_controller=stepsize_controller,
             saveat=saveat,
             init_state=init_state,
+            measured=measured,
         )
     # Forward mode through the backward pass is fine (its JVP is the identity on
     # the tangents); transposing it (reverse-over-reverse) raises the message.
