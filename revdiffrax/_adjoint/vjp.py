@@ -19,6 +19,7 @@ import jax.tree_util as jtu
 
 from .._batching import enclosing_vmap_size, vmapped_solves
 from .backward import backward
+from .batched_outputs import batch_like_inputs
 from .forward import DiffInputs, forward
 from .refusals import refuse_tangents
 
@@ -61,10 +62,20 @@ def _refuse_outer_tangents(tangents: DiffInputs, *, has_event: bool) -> str | No
     return None
 
 
+def _batched_like(out, dynamic: DiffInputs):
+    """The saved outputs made to depend on every input, so that under `jax.vmap`
+    no output is unbatched while an input is (its cotangent would reach every
+    sample's backward pass whole: `batched_outputs.py`). The primal and the forward
+    rule must agree on which outputs are batched."""
+    final_state, aux_stats = out
+    save_state = batch_like_inputs(final_state.save_state, dynamic)
+    return eqx.tree_at(lambda s: s.save_state, final_state, save_state), aux_stats
+
+
 @eqx.filter_custom_vjp
 def loop_reversible(inputs: DiffInputs, **kwargs):
     out, _ = forward(inputs, with_checkpoints=False, **kwargs)
-    return out
+    return _batched_like(out, eqx.filter(inputs, eqx.is_array))
 
 
 @loop_reversible.def_fwd
@@ -81,7 +92,7 @@ def _loop_reversible_fwd(perturbed, inputs: DiffInputs, **kwargs):
     out, residuals = forward(
         inputs, with_checkpoints=True, diff_times=diff_times, **kwargs
     )
-    return out, residuals
+    return _batched_like(out, dynamic), residuals
 
 
 @loop_reversible.def_bwd
