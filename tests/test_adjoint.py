@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import revdiffrax
 from helpers import GRAD_RTOL, MULTISTEP_SOLVERS, REVERSIBLE_SOLVERS, tree_rel_err
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 
 RCA = diffrax.RecursiveCheckpointAdjoint()
@@ -299,10 +299,12 @@ class GridBrownianPath(diffrax.AbstractBrownianPath):
     pass evaluates each increment again), but a table look-up: a gradient through
     `VirtualBrownianTree` compiles about 2.6x as long (its evaluation, a loop, is
     inlined at every stage). `VirtualBrownianTree` itself is covered by the Heun and
-    `ReversibleHeun` cases of `test_sde` and by the other SDE tests."""
+    `ReversibleHeun` cases of `test_sde`, PyTree-shaped in
+    `test_sde_general_noise_and_pytree_brownian_motion`, and by the other SDE
+    tests."""
 
-    w: Float[Array, "steps 2"]
-    h: Float[Array, "steps 2"]
+    w: PyTree[Float[Array, "steps ..."]]
+    h: PyTree[Float[Array, "steps ..."]]
     t0: float = eqx.field(static=True)
     t1: float = eqx.field(static=True)
     dt: float = eqx.field(static=True)
@@ -314,18 +316,32 @@ class GridBrownianPath(diffrax.AbstractBrownianPath):
         del left
         if t1 is None:
             raise NotImplementedError("only increments over one grid step")
+        steps = round((self.t1 - self.t0) / self.dt)
         step = jnp.round((t0 - self.t0) / self.dt).astype(jnp.int32)
-        step = jnp.clip(step, 0, self.w.shape[0] - 1)
+        step = jnp.clip(step, 0, steps - 1)
+        w = jax.tree_util.tree_map(lambda x: x[step], self.w)
         if use_levy:
-            return diffrax.SpaceTimeLevyArea(dt=t1 - t0, W=self.w[step], H=self.h[step])
-        return self.w[step]
+            h = jax.tree_util.tree_map(lambda x: x[step], self.h)
+            return diffrax.SpaceTimeLevyArea(dt=t1 - t0, W=w, H=h)
+        return w
 
 
-def _grid_brownian_path(key):
+def _grid_brownian_path(key, shape=jax.ShapeDtypeStruct((2,), jnp.float64)):
+    """A `GridBrownianPath` on [0, 1] with step `SDE_DT`, of `shape` (a PyTree of
+    `jax.ShapeDtypeStruct`s, as `VirtualBrownianTree`'s)."""
     steps = round(1.0 / SDE_DT)
-    kw, kh = jax.random.split(key)
-    w = jnp.sqrt(SDE_DT) * jax.random.normal(kw, (steps, 2))
-    h = jnp.sqrt(SDE_DT / 12) * jax.random.normal(kh, (steps, 2))
+    leaves, treedef = jax.tree_util.tree_flatten(shape)
+    keys = jax.random.split(key, 2 * len(leaves))
+
+    def draw(keys, variance):
+        return treedef.unflatten(
+            [
+                jnp.sqrt(variance) * jax.random.normal(k, (steps, *s.shape), s.dtype)
+                for k, s in zip(keys, leaves)
+            ]
+        )
+
+    w, h = draw(keys[::2], SDE_DT), draw(keys[1::2], SDE_DT / 12)
     return GridBrownianPath(w, h, 0.0, 1.0, SDE_DT)
 
 
@@ -424,7 +440,8 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         "w": jax.ShapeDtypeStruct((3,), jnp.float64),
         "v": jax.ShapeDtypeStruct((), jnp.float64),
     }
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    tree = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    grid = _grid_brownian_path(key1, shape)
     mix = jax.random.normal(key2, (2, 3))
 
     def diffusion(t, y, a):
@@ -438,7 +455,7 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         def prod(self, vf, control):
             return prod(vf, control)
 
-    def loss(y0, p, solver, adjoint):
+    def loss(y0, p, solver, adjoint, bm):
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, y, a: -a * y), Term(diffusion, bm)
         )
@@ -447,7 +464,7 @@ def test_sde_general_noise_and_pytree_brownian_motion():
             solver,
             0.0,
             1.0,
-            0.05,
+            SDE_DT,
             y0,
             args=p,
             adjoint=adjoint,
@@ -456,8 +473,14 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         return jnp.sum(sol.ys**2)
 
     g = eqx.filter_jit(jax.grad(loss, argnums=(0, 1)))
-    for solver in (revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()):
-        assert tree_rel_err(g(Y0, A, solver, REV), g(Y0, A, solver, RCA)) < GRAD_RTOL
+    # The PyTree `VirtualBrownianTree` through one solver; the other on the cheaper
+    # grid path of the same shape (see `GridBrownianPath`).
+    for solver, bm in (
+        (revdiffrax.Reversible(diffrax.Heun()), tree),
+        (revdiffrax.ReversibleHeun(), grid),
+    ):
+        g_rev, g_rca = g(Y0, A, solver, REV, bm), g(Y0, A, solver, RCA, bm)
+        assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
 def test_semi_implicit_euler():
