@@ -346,14 +346,15 @@ def _grid_brownian_path(key, shape=jax.ShapeDtypeStruct((2,), jnp.float64)):
 
 
 def _sde_loss(y0, p, solver, adjoint, additive, tree=True):
-    if tree:
+    if tree:  # Heun and ReversibleHeun: Brownian increments are all they need
         bm = diffrax.VirtualBrownianTree(
             0.0,
             1.0,
             tol=1e-3,
             shape=(2,),
-            key=jax.random.PRNGKey(0),
-            levy_area=diffrax.SpaceTimeLevyArea,
+            # Cheaper to compile than the default threefry (see `GridBrownianPath`).
+            key=jax.random.key(0, impl="unsafe_rbg"),
+            levy_area=diffrax.BrownianIncrement,
         )
     else:
         bm = _grid_brownian_path(jax.random.PRNGKey(0))
@@ -440,7 +441,9 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         "w": jax.ShapeDtypeStruct((3,), jnp.float64),
         "v": jax.ShapeDtypeStruct((), jnp.float64),
     }
-    tree = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    # A PRNG cheaper to compile than the default threefry (see `GridBrownianPath`).
+    tree_key = jax.random.key(4, impl="unsafe_rbg")
+    tree = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=tree_key)
     grid = _grid_brownian_path(key1, shape)
     mix = jax.random.normal(key2, (2, 3))
 
