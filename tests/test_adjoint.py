@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import revdiffrax
 from helpers import GRAD_RTOL, MULTISTEP_SOLVERS, REVERSIBLE_SOLVERS, tree_rel_err
+from jaxtyping import Array, Float, PyTree
 
 
 RCA = diffrax.RecursiveCheckpointAdjoint()
@@ -286,15 +287,77 @@ def test_closure_over_traced_parameter():
     assert tree_rel_err(g(A, REV), g(A, RCA)) < GRAD_RTOL
 
 
-def _sde_loss(y0, p, solver, adjoint, additive):
-    bm = diffrax.VirtualBrownianTree(
-        0.0,
-        1.0,
-        tol=1e-3,
-        shape=(2,),
-        key=jax.random.PRNGKey(0),
-        levy_area=diffrax.SpaceTimeLevyArea,
+SDE_DT = 0.05
+
+
+class GridBrownianPath(diffrax.AbstractBrownianPath):
+    """Brownian increments with space-time Levy area, drawn once per step of a fixed
+    grid of step `dt` from `t0`: `evaluate(s, s + dt)` returns the increment of the
+    step starting at `s` (the solves using it step on that grid).
+
+    The same path on every call, as `VirtualBrownianTree` (the reversible backward
+    pass evaluates each increment again), but a table look-up: a gradient through
+    `VirtualBrownianTree` compiles about 2.6x as long (its evaluation, a loop, is
+    inlined at every stage). `VirtualBrownianTree` itself is covered by the Heun and
+    `ReversibleHeun` cases of `test_sde`, PyTree-shaped in
+    `test_sde_general_noise_and_pytree_brownian_motion`, and by the other SDE
+    tests."""
+
+    w: PyTree[Float[Array, "steps ..."]]
+    h: PyTree[Float[Array, "steps ..."]]
+    t0: float = eqx.field(static=True)
+    t1: float = eqx.field(static=True)
+    dt: float = eqx.field(static=True)
+    levy_area: type[diffrax.SpaceTimeLevyArea] = eqx.field(
+        static=True, default=diffrax.SpaceTimeLevyArea
     )
+
+    def evaluate(self, t0, t1=None, left=True, use_levy=False):
+        del left
+        if t1 is None:
+            raise NotImplementedError("only increments over one grid step")
+        steps = round((self.t1 - self.t0) / self.dt)
+        step = jnp.round((t0 - self.t0) / self.dt).astype(jnp.int32)
+        step = jnp.clip(step, 0, steps - 1)
+        w = jax.tree_util.tree_map(lambda x: x[step], self.w)
+        if use_levy:
+            h = jax.tree_util.tree_map(lambda x: x[step], self.h)
+            return diffrax.SpaceTimeLevyArea(dt=t1 - t0, W=w, H=h)
+        return w
+
+
+def _grid_brownian_path(key, shape=jax.ShapeDtypeStruct((2,), jnp.float64)):
+    """A `GridBrownianPath` on [0, 1] with step `SDE_DT`, of `shape` (a PyTree of
+    `jax.ShapeDtypeStruct`s, as `VirtualBrownianTree`'s)."""
+    steps = round(1.0 / SDE_DT)
+    leaves, treedef = jax.tree_util.tree_flatten(shape)
+    keys = jax.random.split(key, 2 * len(leaves))
+
+    def draw(keys, variance):
+        return treedef.unflatten(
+            [
+                jnp.sqrt(variance) * jax.random.normal(k, (steps, *s.shape), s.dtype)
+                for k, s in zip(keys, leaves)
+            ]
+        )
+
+    w, h = draw(keys[::2], SDE_DT), draw(keys[1::2], SDE_DT / 12)
+    return GridBrownianPath(w, h, 0.0, 1.0, SDE_DT)
+
+
+def _sde_loss(y0, p, solver, adjoint, additive, tree=True):
+    if tree:  # Heun and ReversibleHeun: Brownian increments are all they need
+        bm = diffrax.VirtualBrownianTree(
+            0.0,
+            1.0,
+            tol=1e-3,
+            shape=(2,),
+            # Cheaper to compile than the default threefry (see `GridBrownianPath`).
+            key=jax.random.key(0, impl="unsafe_rbg"),
+            levy_area=diffrax.BrownianIncrement,
+        )
+    else:
+        bm = _grid_brownian_path(jax.random.PRNGKey(0))
 
     def diffusion(t, y, a):
         scale = jnp.ones_like(y) if additive else jnp.sin(y)
@@ -308,7 +371,7 @@ def _sde_loss(y0, p, solver, adjoint, additive):
         solver,
         0.0,
         1.0,
-        0.05,
+        SDE_DT,
         y0,
         args=p,
         adjoint=adjoint,
@@ -318,24 +381,24 @@ def _sde_loss(y0, p, solver, adjoint, additive):
 
 
 @pytest.mark.parametrize(
-    "base,additive",
+    "base,additive,tree",
     [
-        (diffrax.Heun(), False),
-        (diffrax.Midpoint(), False),
-        (diffrax.SlowRK(), False),
-        (diffrax.SPaRK(), False),
-        (diffrax.ShARK(), True),
-        (None, False),
+        (diffrax.Heun(), False, True),
+        (diffrax.Midpoint(), False, False),
+        (diffrax.SlowRK(), False, False),
+        (diffrax.SPaRK(), False, False),
+        (diffrax.ShARK(), True, False),
+        (None, False, True),
     ],
     ids=["Heun", "Midpoint", "SlowRK", "SPaRK", "ShARK", "ReversibleHeun"],
 )
-def test_sde(base, additive):
+def test_sde(base, additive, tree):
     solver = (
         revdiffrax.ReversibleHeun() if base is None else revdiffrax.Reversible(base)
     )
     g = eqx.filter_jit(jax.grad(_sde_loss, argnums=(0, 1)))
-    g_rev = g(Y0, A, solver, REV, additive)
-    g_rca = g(Y0, A, solver, RCA, additive)
+    g_rev = g(Y0, A, solver, REV, additive, tree)
+    g_rca = g(Y0, A, solver, RCA, additive, tree)
     assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
@@ -378,7 +441,10 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         "w": jax.ShapeDtypeStruct((3,), jnp.float64),
         "v": jax.ShapeDtypeStruct((), jnp.float64),
     }
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=key1)
+    # A PRNG cheaper to compile than the default threefry (see `GridBrownianPath`).
+    tree_key = jax.random.key(4, impl="unsafe_rbg")
+    tree = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=shape, key=tree_key)
+    grid = _grid_brownian_path(key1, shape)
     mix = jax.random.normal(key2, (2, 3))
 
     def diffusion(t, y, a):
@@ -392,7 +458,7 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         def prod(self, vf, control):
             return prod(vf, control)
 
-    def loss(y0, p, solver, adjoint):
+    def loss(y0, p, solver, adjoint, bm):
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, y, a: -a * y), Term(diffusion, bm)
         )
@@ -401,7 +467,7 @@ def test_sde_general_noise_and_pytree_brownian_motion():
             solver,
             0.0,
             1.0,
-            0.05,
+            SDE_DT,
             y0,
             args=p,
             adjoint=adjoint,
@@ -410,8 +476,14 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         return jnp.sum(sol.ys**2)
 
     g = eqx.filter_jit(jax.grad(loss, argnums=(0, 1)))
-    for solver in (revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()):
-        assert tree_rel_err(g(Y0, A, solver, REV), g(Y0, A, solver, RCA)) < GRAD_RTOL
+    # The PyTree `VirtualBrownianTree` through one solver; the other on the cheaper
+    # grid path of the same shape (see `GridBrownianPath`).
+    for solver, bm in (
+        (revdiffrax.Reversible(diffrax.Heun()), tree),
+        (revdiffrax.ReversibleHeun(), grid),
+    ):
+        g_rev, g_rca = g(Y0, A, solver, REV, bm), g(Y0, A, solver, RCA, bm)
+        assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
 def test_semi_implicit_euler():

@@ -138,9 +138,12 @@ def test_hvp_checkpoint_every():
 
 def sde_loss(params, adjoint, solver):
     y0, a = params
+    # Heun and ReversibleHeun need only Brownian increments; the unsafe_rbg key is
+    # cheaper to compile than the default threefry (the tree's evaluations dominate
+    # the compile time).
     bm = diffrax.VirtualBrownianTree(
-        0.0, 1.0, tol=1e-3, shape=(2,), key=jr.PRNGKey(2),
-        levy_area=diffrax.SpaceTimeLevyArea,
+        0.0, 1.0, tol=1e-3, shape=(2,), key=jr.key(2, impl="unsafe_rbg"),
+        levy_area=diffrax.BrownianIncrement,
     )  # fmt: skip
 
     def diffusion(t, y, a):
