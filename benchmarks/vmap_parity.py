@@ -1,7 +1,7 @@
 """Per-sample solves under `jax.vmap` (issue 22): `ReversibleAdjoint()` against
-diffrax's default adjoint, both with their defaults, on the two workloads of
+diffrax's default adjoint, both with their defaults, on the three workloads of
 `benchmarks/workloads.py` written in diffrax's example style (`CNF vmap Tsit5`,
-`CDE vmap Tsit5 PID`).
+`CDE vmap Tsit5 PID`, `SDE GAN vmap ReversibleHeun`).
 
 For each workload: the compiled temp memory of one training-step gradient
 (`jax.jit(jax.grad(loss))`, deterministic) of
@@ -11,13 +11,18 @@ For each workload: the compiled temp memory of one training-step gradient
 - `Reversible()`: `revdiffrax.ReversibleAdjoint()` through `Reversible(base)`,
 - `Reversible(sp=False)`: the same with `Reversible(base, stage_pullback=False)`
   (the whole-step pullback, which the default chose under `vmap` before issue 22);
+- for the SDE GAN, whose base `diffrax.ReversibleHeun` is reversible itself:
+  `Reversible()` is `ReversibleAdjoint()` through `revdiffrax.ReversibleHeun()`,
+  and `Reversible(Heun())` (through `revdiffrax.Reversible(diffrax.Heun())`) is
+  compared with `RCA() through Heun()`;
 
 then the median time of `RCA()` and `Reversible()`, interleaved (A, B, A, B, ...)
 after a warm-up, their ratio, and for adaptive workloads the mean number of steps
 per sample (`sol.stats["num_steps"]`) of the base solver and of `Reversible(base)`.
 
     python -m benchmarks.vmap_parity --repeats 7
-    python -m benchmarks.vmap_parity --quick          # seconds, smoke test
+    python -m benchmarks.vmap_parity --only sde --repeats 5
+    python -m benchmarks.vmap_parity --quick          # smoke test
 """
 
 from __future__ import annotations
@@ -31,29 +36,49 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import revdiffrax
-from benchmarks.workloads import cde_vmap, cde_vmap_solve, cnf_vmap, Workload
+from benchmarks.workloads import (
+    cde_vmap,
+    cde_vmap_solve,
+    cnf_vmap,
+    sde_gan_vmap,
+    Workload,
+)
 
 # Importing `experiments` switches on float64 (the workloads are float32 throughout).
 from experiments.harness import compile_timed, interleaved_times
 from experiments.report import fmt_bytes, machine_info, markdown_table
 
 
-def variants(base: diffrax.AbstractSolver) -> dict:
+def variants(work: Workload) -> dict:
     """Label -> (solver, adjoint)."""
     rca = diffrax.RecursiveCheckpointAdjoint
-    return {
+    base = work.base
+    out = {
         "RCA()": (base, rca()),
         "RCA(2)": (base, rca(checkpoints=2)),
         "RCA(8)": (base, rca(checkpoints=8)),
-        "Reversible()": (revdiffrax.Reversible(base), revdiffrax.ReversibleAdjoint()),
-        "Reversible(sp=False)": (
-            revdiffrax.Reversible(base, stage_pullback=False),
-            revdiffrax.ReversibleAdjoint(),
-        ),
     }
+    if work.reversible is not None:
+        # A base that is reversible itself (diffrax.ReversibleHeun): its revdiffrax
+        # counterpart, and `Reversible(Heun())` against `RCA()` through `Heun()`.
+        out["Reversible()"] = (work.reversible, revdiffrax.ReversibleAdjoint())
+        out["RCA() through Heun()"] = (diffrax.Heun(), rca())
+        out["Reversible(Heun())"] = (
+            revdiffrax.Reversible(diffrax.Heun()),
+            revdiffrax.ReversibleAdjoint(),
+        )
+        return out
+    out["Reversible()"] = (revdiffrax.Reversible(base), revdiffrax.ReversibleAdjoint())
+    out["Reversible(sp=False)"] = (
+        revdiffrax.Reversible(base, stage_pullback=False),
+        revdiffrax.ReversibleAdjoint(),
+    )
+    return out
 
 
 TIMED = ("RCA()", "Reversible()")
+# The memory reference of a row where it is not `RCA()` through the base.
+REFERENCE = {"Reversible(Heun())": "RCA() through Heun()"}
 
 
 def mean_steps(work: Workload, solver: diffrax.AbstractSolver) -> float | None:
@@ -76,7 +101,7 @@ def mean_steps(work: Workload, solver: diffrax.AbstractSolver) -> float | None:
 
 def measure(work: Workload, repeats: int, labels: list[str] | None) -> list[list]:
     rows, fns = [], {}
-    for label, (solver, adjoint) in variants(work.base).items():
+    for label, (solver, adjoint) in variants(work).items():
         if labels is not None and label not in labels and label not in TIMED:
             continue
         loss, params = work.loss(solver, adjoint)
@@ -86,16 +111,17 @@ def measure(work: Workload, repeats: int, labels: list[str] | None) -> list[list
         if label in TIMED:
             fns[label] = (lambda a, f=fn: f(*a), (params, work.data))
     times = interleaved_times(fns, repeats)
-    ref_mem = rows[0][1]
+    mems = dict(rows)
     ref_t = times["RCA()"][0]
     out = []
     for label, temp in rows:
         t = times.get(label, (None,))[0]
+        ref = mems[REFERENCE.get(label, "RCA()")]
         out.append(
             [
                 label,
                 fmt_bytes(temp),
-                f"{temp / ref_mem:.2f}x",
+                f"{temp / ref:.2f}x",
                 "" if t is None else f"{t * 1e3:.1f} ms",
                 "" if t is None else f"{t / ref_t:.2f}x",
             ]
@@ -112,6 +138,11 @@ def main(argv: list[str] | None = None) -> str:
         help="comma-separated variants to compile besides the timed RCA() and "
         "Reversible() (default: all)",
     )
+    parser.add_argument(
+        "--only",
+        default="cnf,cde,sde",
+        help="comma-separated workloads among cnf, cde, sde (default: all)",
+    )
     args = parser.parse_args(argv)
     info = machine_info()
     command = "python -m benchmarks.vmap_parity " + shlex.join(
@@ -121,14 +152,22 @@ def main(argv: list[str] | None = None) -> str:
         f"Command: `{command}`; {info['processor']}, {info['cpu_count']} CPUs, "
         f"jax {info['jax']}, {jax.default_backend()}.\n"
     ]
-    for make in (cnf_vmap, cde_vmap):
+    makers = {"cnf": cnf_vmap, "cde": cde_vmap, "sde": sde_gan_vmap}
+    for name in args.only.split(","):
+        make = makers[name.strip()]
         work = make(args.quick)
         print(f"{work.name}: {work.description}", flush=True)
         labels = None if args.labels is None else args.labels.split(",")
         table = measure(work, args.repeats, labels)
-        header = ["adjoint", "temp memory", "/ RCA()", "time (median)", "/ RCA()"]
+        header = ["adjoint", "temp memory", "/ RCA()*", "time (median)", "/ RCA()"]
         parts.append(f"### {work.name}\n\n{work.description}.\n")
         parts.append(markdown_table(header, table) + "\n")
+        parts.append(
+            "*: `Reversible(Heun())` against `RCA() through Heun()`, every other "
+            "row against `RCA()` through the base.\n"
+            if work.reversible is not None
+            else ""
+        )
         print(parts[-1], flush=True)
         base_steps = mean_steps(work, work.base)
         if base_steps is not None:

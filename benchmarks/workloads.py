@@ -38,6 +38,11 @@ The last two solve one sample at a time under `jax.vmap` and use diffrax's defau
 (`RCA()`: `RecursiveCheckpointAdjoint()`; `Reversible()`: `ReversibleAdjoint()`,
 checks on).
 
+`sde_gan_vmap` (used by `benchmarks/vmap_parity.py`, not by `pareto.py`): the
+neural SDE GAN of diffrax's example (generator SDE, neural CDE discriminator, both
+`diffrax.ReversibleHeun` with dt0 = 1, batch 1024 under `jax.vmap`, float32); its
+reversible adjoint goes through `revdiffrax.ReversibleHeun()` (`Workload.reversible`).
+
 `quick=True` shrinks every workload to run in seconds (smoke tests).
 """
 
@@ -53,6 +58,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import revdiffrax
 from experiments.model import VectorField
 from experiments.neural_cde import make_spirals
 from experiments.solvers import RK4
@@ -78,6 +84,9 @@ class Workload:
     default_rows: bool = False
     # The number of `SaveAt(ts)` times, for losses that save them (None: t1 only).
     num_saved: int | None = None
+    # The solver of `ReversibleAdjoint` where it is not `revdiffrax.Reversible(base)`
+    # (e.g. `revdiffrax.ReversibleHeun()` against `diffrax.ReversibleHeun()`).
+    reversible: diffrax.AbstractSolver | None = None
 
     @property
     def slug(self) -> str:
@@ -570,6 +579,194 @@ def cde_vmap(quick: bool) -> Workload:
         jnp.float32,
         _cde_vmap_loss,
         default_rows=True,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Neural SDE GAN in diffrax's example style (issue 22)
+
+
+def lipswish(x: jax.Array) -> jax.Array:
+    """diffrax's neural SDE example's activation: 0.909 silu(x) (Lipschitz 1)."""
+    return 0.909 * jax.nn.silu(x)
+
+
+class GANField(eqx.Module):
+    """diffrax's neural SDE example's vector fields: an MLP of `(t, y)`, lipswish
+    hidden activations, tanh output, reshaped to `shape` (the drift `(hidden,)`, a
+    controlled field `(hidden, channels)`), times a fixed per-component scale."""
+
+    scale: jax.Array | float
+    mlp: eqx.nn.MLP
+    shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, hidden, shape, width, depth, scale: bool, key):
+        scale_key, mlp_key = jax.random.split(key)
+        self.scale = (
+            jax.random.uniform(scale_key, (hidden,), jnp.float32, 0.9, 1.1)
+            if scale
+            else 1.0
+        )
+        self.mlp = eqx.nn.MLP(
+            hidden + 1,
+            int(np.prod(shape)),
+            width,
+            depth,
+            activation=lipswish,
+            final_activation=jnp.tanh,
+            key=mlp_key,
+            dtype=jnp.float32,
+        )
+        self.shape = tuple(shape)
+
+    def __call__(self, t, y, args):
+        t = jnp.asarray(t, y.dtype)
+        out = self.mlp(jnp.concatenate([t[None], y])).reshape(self.shape)
+        scale = self.scale if len(self.shape) == 1 else jnp.reshape(self.scale, (-1, 1))
+        return scale * out
+
+
+class SDEGenerator(eqx.Module):
+    """y0 = initial(noise), dy = f(t, y) dt + g(t, y) o dW (`VirtualBrownianTree`,
+    tol dt0/2), saved at `ts`, read out linearly."""
+
+    initial: eqx.nn.MLP
+    vf: GANField
+    cvf: GANField
+    readout: eqx.nn.Linear
+    noise_sizes: tuple[int, int] = eqx.field(static=True)
+
+    def __init__(self, data, initial_noise, noise, hidden, width, depth, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        mlp = dict(dtype=jnp.float32)
+        self.initial = eqx.nn.MLP(initial_noise, hidden, width, depth, key=k1, **mlp)
+        self.vf = GANField(hidden, (hidden,), width, depth, True, k2)
+        self.cvf = GANField(hidden, (hidden, noise), width, depth, True, k3)
+        self.readout = eqx.nn.Linear(hidden, data, key=k4, dtype=jnp.float32)
+        self.noise_sizes = (initial_noise, noise)
+
+
+class CDEDiscriminator(eqx.Module):
+    """h0 = initial(t0, x0), dh = f(t, h) dt + g(t, h) dX (X the linear
+    interpolation of (t, x)), score = readout(h(t1))."""
+
+    initial: eqx.nn.MLP
+    vf: GANField
+    cvf: GANField
+    readout: eqx.nn.Linear
+
+    def __init__(self, data, hidden, width, depth, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        mlp = dict(dtype=jnp.float32)
+        self.initial = eqx.nn.MLP(data + 1, hidden, width, depth, key=k1, **mlp)
+        self.vf = GANField(hidden, (hidden,), width, depth, False, k2)
+        self.cvf = GANField(hidden, (hidden, data + 1), width, depth, False, k3)
+        self.readout = eqx.nn.Linear(hidden, 1, key=k4, dtype=jnp.float32)
+
+
+class SDEGAN(eqx.Module):
+    generator: SDEGenerator
+    discriminator: CDEDiscriminator
+
+
+def _generate(gen, ts, key, solver, adjoint):
+    """One sample path of the generator at `ts` (dt0 = 1, as in the example)."""
+    init_key, bm_key = jax.random.split(key)
+    initial_noise, noise = gen.noise_sizes
+    shape = jax.ShapeDtypeStruct((noise,), jnp.float32)
+    bm = diffrax.VirtualBrownianTree(ts[0], ts[-1], tol=0.5, shape=shape, key=bm_key)
+    terms = diffrax.MultiTerm(diffrax.ODETerm(gen.vf), diffrax.ControlTerm(gen.cvf, bm))
+    sol = diffrax.diffeqsolve(
+        terms,
+        solver,
+        ts[0],
+        ts[-1],
+        1.0,
+        gen.initial(jax.random.normal(init_key, (initial_noise,), jnp.float32)),
+        saveat=diffrax.SaveAt(ts=ts),
+        adjoint=adjoint,
+    )
+    return jax.vmap(gen.readout)(sol.ys)
+
+
+def _discriminate(disc, ts, ys, solver, adjoint):
+    """The discriminator's score of one path `ys[t, data]` observed at `ts`."""
+    path = jnp.concatenate([ts[:, None], ys], axis=1)
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(disc.vf),
+        diffrax.ControlTerm(disc.cvf, diffrax.LinearInterpolation(ts, path)),
+    )
+    sol = diffrax.diffeqsolve(
+        terms,
+        solver,
+        ts[0],
+        ts[-1],
+        1.0,
+        disc.initial(path[0]),
+        saveat=diffrax.SaveAt(t1=True),
+        adjoint=adjoint,
+    )
+    return disc.readout(sol.ys[-1])[0]  # pyright: ignore[reportOptionalSubscript]
+
+
+def _sde_gan_loss(model, data, solver, adjoint, work):
+    """The Wasserstein GAN objective of one training step, mean(real score - fake
+    score): its gradient is that of both networks (the example then negates the
+    generator's)."""
+    ts, real, keys = data
+    fake = jax.vmap(lambda k: _generate(model.generator, ts, k, solver, adjoint))(keys)
+
+    def score(ys):
+        return _discriminate(model.discriminator, ts, ys, solver, adjoint)
+
+    return jnp.mean(jax.vmap(score)(real) - jax.vmap(score)(fake))
+
+
+def ou_paths(key: jax.Array, batch: int, t_size: int) -> jax.Array:
+    """diffrax's neural SDE example data: dy = (mu t - theta y) dt + 2 sigma t / t1
+    dW, y0 ~ U(-1, 1), observed at t = 0, 1, ..., t_size - 1 (Euler-Maruyama on a
+    grid 10x finer), float32, shape `(batch, t_size, 1)`."""
+    mu, theta, sigma, sub = 0.02, 0.1, 0.4, 10
+    t1 = t_size - 1
+    k0, k1 = jax.random.split(key)
+    y = jax.random.uniform(k0, (batch,), jnp.float32, -1.0, 1.0)
+    dw = jax.random.normal(k1, (t1 * sub, batch), jnp.float32) * np.sqrt(1 / sub)
+    out = [y]
+    for n in range(t1 * sub):
+        t = n / sub
+        y = y + (mu * t - theta * y) / sub + 2 * sigma * t / t1 * dw[n]
+        if (n + 1) % sub == 0:
+            out.append(y)
+    return jnp.stack(out, axis=1)[:, :, None]
+
+
+def sde_gan_vmap(quick: bool) -> Workload:
+    batch, t_size = (8, 8) if quick else (1024, 64)
+    noise, hidden, width, depth = 3, 16, 16, 1
+    kg, kd, kx, kn = jax.random.split(jax.random.PRNGKey(0), 4)
+    model = SDEGAN(
+        SDEGenerator(1, 5, noise, hidden, width, depth, kg),
+        CDEDiscriminator(1, hidden, width, depth, kd),
+    )
+    ts = jnp.arange(t_size, dtype=jnp.float32)
+    data = (ts, ou_paths(kx, batch, t_size), jax.random.split(kn, batch))
+    return Workload(
+        "SDE GAN vmap ReversibleHeun",
+        "neural SDE GAN in diffrax's example style: generator SDE (initial noise 5, "
+        f"Brownian noise {noise}, hidden {hidden}, MLPs width {width} depth {depth}, "
+        "lipswish, tanh output; `VirtualBrownianTree`, `SaveAt(ts)` at "
+        f"{t_size} times) and neural CDE discriminator, one path per solve, "
+        f"`jax.vmap` over a batch of {batch} fake and {batch} real paths, "
+        f"`ReversibleHeun` with dt0 = 1 on [0, {t_size - 1}], float32, diffrax's "
+        "default `max_steps`; the gradient of the Wasserstein loss for both networks",
+        model,
+        data,
+        diffrax.ReversibleHeun(),
+        t_size - 1,
+        jnp.float32,
+        _sde_gan_loss,
+        default_rows=True,
+        reversible=revdiffrax.ReversibleHeun(),
     )
 
 
