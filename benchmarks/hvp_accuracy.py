@@ -36,7 +36,12 @@ reported as refused, with its error: none should be.
 
 Usage: `python -m benchmarks.hvp_accuracy [--quick] [--only SUBSTRING] [--out DIR]`
 (prints markdown tables; `--out` writes `hvp_accuracy_<backend>.md` there).
-`--quick`: three families, for the smoke test.
+`--quick`: one family and one configuration, for the smoke test;
+`--families A,B` and `--configs SUBSTRING` select; `--json PATH` saves the results
+and `--combine PATH...` reports those of several runs (a later run's result
+replaces an earlier one's); `--init-cost`: only the cost of the forward pass's
+repeated `solver.init` (compiled flops and memory, interleaved times of a gradient
+with and without it).
 """
 
 import argparse
@@ -99,7 +104,8 @@ FAMILIES = {
     ),
     "SemiImplicitEuler": Family(revdiffrax.SemiImplicitEuler(), partitioned=True),
 }
-QUICK_FAMILIES = ("Reversible(Midpoint)", "ReversibleHeun", "SemiImplicitEuler")
+# `--quick`: one family and one configuration (the smoke test).
+QUICK = ("Reversible(Midpoint)", "constant, SaveAt(ts)")
 
 
 class Field(eqx.Module):
@@ -299,10 +305,10 @@ def configurations(family: Family) -> dict[str, Callable]:
 
 
 def _adaptive(solver) -> bool:
-    return isinstance(solver, diffrax.AbstractAdaptiveSolver) or (
-        isinstance(solver, revdiffrax.Reversible)
-        and isinstance(solver.solver, diffrax.AbstractAdaptiveSolver)
-    )
+    """Whether `solver` has an error estimate (`Reversible`: if its base has)."""
+    if isinstance(solver, revdiffrax.Reversible):
+        return isinstance(solver.solver, diffrax.AbstractAdaptiveSolver)
+    return isinstance(solver, diffrax.AbstractAdaptiveSolver)
 
 
 def _flat(tree) -> np.ndarray:
@@ -387,7 +393,7 @@ def summary_table(results: list[Result]) -> list[str]:
         lines.append(
             f"| {family} | {len(ok)} | {worst_norm.norm:.1e} | {worst_norm.config} "
             f"| {worst_leaf.leafwise:.1e} | {worst_leaf.config} | {worst_grad:.1e} "
-            f"| {', '.join(na) or '-'} | {', '.join(refused) or '-'} |"
+            f"| {'; '.join(na) or '-'} | {'; '.join(refused) or '-'} |"
         )
     return lines
 
@@ -404,18 +410,24 @@ def matrix_table(results: list[Result]) -> list[str]:
     for config in configs:
         entries = []
         for family in families:
-            r = cell[family, config]
-            entries.append(f"{r.leafwise:.0e}" if r.status == "ok" else r.status)
+            r = cell.get((family, config))
+            if r is None:  # a group of configurations that failed as a whole
+                entries.append("-")
+            else:
+                entries.append(f"{r.leafwise:.0e}" if r.status == "ok" else r.status)
         lines.append(f"| {config} | " + " | ".join(entries) + " |")
     return lines
 
 
-def compute(names: list[str]) -> tuple[list[Result], float]:
-    """The results of the families `names`, and the seconds they took."""
+def compute(names: list[str], only_configs: str = "") -> tuple[list[Result], float]:
+    """The results of the families `names` (of their configurations whose name
+    contains `only_configs`), and the seconds they took."""
     start = time.perf_counter()
     results = []
     for name in names:
         for config, fn in configurations(FAMILIES[name]).items():
+            if only_configs not in config:
+                continue
             for result in run_one(name, config, fn):
                 results.append(result)
                 print(
@@ -433,8 +445,8 @@ def report(results: list[Result], elapsed: float) -> list[str]:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"diffrax {diffrax.__version__}, backend {jax.default_backend()}, float64. "
-        f"{len(ok)} configurations compared in {elapsed:.0f} s (compilation, "
-        "mostly).",
+        f"{len(ok)} configurations compared in {elapsed:.0f} s (wall time summed over "
+        "the runs; compilation, mostly).",
         "",
         *summary_table(results),
         "",
@@ -448,10 +460,85 @@ def report(results: list[Result], elapsed: float) -> list[str]:
         "",
         *matrix_table(results),
     ]
-    notes = [f"- {r.family}, {r.config}: {r.status}: {r.note}" for r in results
-             if r.status != "ok"]  # fmt: skip
+    grouped = {}  # (family, status, why) -> configurations
+    for r in results:
+        if r.status != "ok":
+            grouped.setdefault((r.family, r.status, r.note), []).append(r.config)
+    notes = [f"- {family}: {'; '.join(configs)}: {status}: {why}"
+             for (family, status, why), configs in grouped.items()]  # fmt: skip
     if notes:
         lines += ["", "Why not applicable or refused:", "", *notes]
+    return lines
+
+
+def _reinit_off():
+    """A context in which the forward pass does not remake the initial solver state
+    (`_with_inputs(reinit=False)`): what it did before second derivatives."""
+    import contextlib
+
+    from revdiffrax._adjoint import forward
+
+    original = forward._with_inputs
+
+    def without(init_state, inputs, solver, reinit):
+        return original(init_state, inputs, solver, reinit=False)
+
+    @contextlib.contextmanager
+    def context():
+        forward._with_inputs = without
+        try:
+            yield
+        finally:
+            forward._with_inputs = original
+
+    return context()
+
+
+def init_cost(repeats: int = 21) -> list[str]:
+    """The cost, per gradient, of the `solver.init` that the forward pass now
+    repeats so that the initial solver state carries tangents: compiled flops and
+    interleaved wall times of one gradient with and without it, on cheap workloads
+    (the neural ODE above, 15 constant steps, `SaveAt(ts)`)."""
+    lines = [
+        "| solver | flops with / without | temp bytes with / without "
+        "| time with / without (median of interleaved runs) |",
+        "|---|---|---|---|",
+    ]
+    for name in ["Reversible(Tsit5)", "AsynchronousLeapfrog", "ReversibleHeun"]:
+        solver = FAMILIES[name].solver
+
+        def loss(p):
+            return ode_loss(
+                p, revdiffrax.ReversibleAdjoint(), solver,
+                diffrax.ConstantStepSize(), SAVEATS["ts"],
+            )  # fmt: skip
+
+        # `diffeqsolve` is jitted: without clearing its cache, the second
+        # compilation would reuse the first one's trace.
+        jax.clear_caches()
+        with_init = jax.jit(jax.grad(loss)).lower(PARAMS).compile()
+        jax.clear_caches()
+        with _reinit_off():
+            without = jax.jit(jax.grad(loss)).lower(PARAMS).compile()
+        stats = []
+        for compiled in (with_init, without):
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            memory = compiled.memory_analysis()
+            assert memory is not None
+            stats.append((cost["flops"], memory.temp_size_in_bytes))
+        times = ([], [])
+        jax.block_until_ready((with_init(PARAMS), without(PARAMS)))
+        for _ in range(repeats):
+            for i, compiled in enumerate((with_init, without)):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(PARAMS))
+                times[i].append(time.perf_counter() - start)
+        ratio = float(np.median(times[0]) / np.median(times[1]))
+        lines.append(
+            f"| {name} | {stats[0][0]:.0f} / {stats[1][0]:.0f} "
+            f"| {stats[0][1]} / {stats[1][1]} | {ratio:.3f} |"
+        )
     return lines
 
 
@@ -460,44 +547,71 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="families containing this")
     parser.add_argument("--families", default=None, help="comma-separated names")
+    parser.add_argument("--configs", default="", help="configurations containing")
     parser.add_argument("--out", default=None, help="write the report here")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument(
+        "--init-cost", action="store_true", help="only time the repeated init"
+    )
     parser.add_argument(
         "--combine", nargs="+", default=None, help="report the results of --json runs"
     )
     args = parser.parse_args(argv)
+    command = "python -m benchmarks.hvp_accuracy " + " ".join(
+        repr(a) if " " in a else a for a in (argv or sys.argv[1:])
+    )
+    commands = [command]
+    if args.init_cost:
+        lines = [
+            "The cost of remaking the initial solver state in the forward pass (one "
+            "`solver.init` per gradient, so that it carries the tangents of `y0` and "
+            f"`args`), one gradient (load {os.getloadavg()[0]:.1f}):",
+            "",
+            *init_cost(),
+        ]
+        print("\n".join(lines), flush=True)
+        return []
     if args.combine is not None:
-        results, elapsed = [], 0.0
+        # A later run's result replaces an earlier one's for the same configuration.
+        combined, elapsed, commands = {}, 0.0, []
         for path in args.combine:
             with open(path) as f:
                 saved = json.load(f)
-            results += [Result(**r) for r in saved["results"]]
+            for r in saved["results"]:
+                combined[r["family"], r["config"]] = Result(**r)
             elapsed += saved["elapsed"]
+            commands.append(saved["command"])
+        commands.append(command)
+        results = list(combined.values())
     else:
-        names = [
-            n
-            for n in (QUICK_FAMILIES if args.quick else FAMILIES)
-            if args.only.lower() in n.lower()
-        ]
+        names = [n for n in FAMILIES if args.only.lower() in n.lower()]
         if args.families is not None:
             names = args.families.split(",")
-        results, elapsed = compute(names)
+        configs = args.configs
+        if args.quick:
+            names, configs = [QUICK[0]], QUICK[1]
+        results, elapsed = compute(names, configs)
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(
-                dict(results=[dataclasses.asdict(r) for r in results], elapsed=elapsed),
+                dict(
+                    results=[dataclasses.asdict(r) for r in results],
+                    elapsed=elapsed,
+                    command=command,
+                ),
                 f,
             )
+    results.sort(key=lambda r: list(FAMILIES).index(r.family))  # stable
     lines = report(results, elapsed)
     print("\n".join(lines), flush=True)
     if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"hvp_accuracy_{jax.default_backend()}.md")
-        command = "python -m benchmarks.hvp_accuracy " + " ".join(argv or sys.argv[1:])
         with open(path, "w") as f:
             backend = jax.default_backend()
             f.write(f"# Accuracy of Hessian-vector products ({backend})\n\n")
-            f.write(f"Command: `{command.strip()}`.\n\n")
+            f.write("Commands: " + ", then ".join(f"`{c.strip()}`" for c in commands))
+            f.write(".\n\n")
             f.write("\n".join(lines) + "\n")
     return results
 
