@@ -389,10 +389,11 @@ def summary_table(results: list[Result]) -> list[str]:
         refused = [r.config for r in rows if r.status == "refused"]
         worst_norm = max(ok, key=lambda r: r.norm)
         worst_leaf = max(ok, key=lambda r: r.leafwise)
-        worst_grad = max(r.grad for r in ok)
+        grads = [r.grad for r in ok if np.isfinite(r.grad)]
+        worst_grad = f"{max(grads):.1e}" if grads else "-"
         lines.append(
             f"| {family} | {len(ok)} | {worst_norm.norm:.1e} | {worst_norm.config} "
-            f"| {worst_leaf.leafwise:.1e} | {worst_leaf.config} | {worst_grad:.1e} "
+            f"| {worst_leaf.leafwise:.1e} | {worst_leaf.config} | {worst_grad} "
             f"| {'; '.join(na) or '-'} | {'; '.join(refused) or '-'} |"
         )
     return lines
@@ -430,18 +431,46 @@ def compute(names: list[str], only_configs: str = "") -> tuple[list[Result], flo
                 continue
             for result in run_one(name, config, fn):
                 results.append(result)
-                print(
-                    f"{name:30s} {result.config:28s} {result.status:8s} "
-                    f"{result.norm:.1e} {result.leafwise:.1e} {result.note}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(log_line(result), file=sys.stderr, flush=True)
     return results, time.perf_counter() - start
+
+
+def log_line(r: Result) -> str:
+    """One result as a progress line (`from_log` reads it back)."""
+    return (
+        f"{r.family:30s} {r.config:28s} {r.status:8s} "
+        f"{r.norm:.1e} {r.leafwise:.1e} {r.grad:.1e} {r.note}"
+    )
+
+
+def from_log(path: str) -> list[Result]:
+    """The results in the progress lines of a run's stderr (of a run stopped before
+    it wrote its `--json`); lines from before the gradient error was logged have
+    none (NaN)."""
+    results = []
+    with open(path) as f:
+        for line in f:
+            family, config = line[:30].strip(), line[31:59].strip()
+            rest = line[60:].split(maxsplit=1)
+            if family not in FAMILIES or not rest:
+                continue  # a warning, not a result
+            status, numbers = rest[0], []
+            words = rest[1].split(" ") if len(rest) > 1 else []
+            while words and len(numbers) < 3:
+                try:
+                    numbers.append(float(words[0]))
+                except ValueError:
+                    break
+                words.pop(0)
+            norm, leafwise, grad = (numbers + [np.nan] * 3)[:3]
+            note = " ".join(words).strip()
+            results.append(Result(family, config, status, norm, leafwise, grad, note))
+    return results
 
 
 def report(results: list[Result], elapsed: float) -> list[str]:
     ok = [r for r in results if r.status == "ok"]
-    worst = max(ok, key=lambda r: max(r.leafwise, r.grad))
+    worst = max(ok, key=lambda r: np.nanmax([r.leafwise, r.grad]))
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"diffrax {diffrax.__version__}, backend {jax.default_backend()}, float64. "
@@ -450,9 +479,9 @@ def report(results: list[Result], elapsed: float) -> list[str]:
         "",
         *summary_table(results),
         "",
-        f"Worst over all: {max(worst.leafwise, worst.grad):.1e} "
+        f"Worst over all: {np.nanmax([worst.leafwise, worst.grad]):.1e} "
         f"({worst.family}, {worst.config}); every error <= {RTOL:g}: "
-        f"{all(max(r.leafwise, r.grad) <= RTOL for r in ok)}. Refused: "
+        f"{all(np.nanmax([r.leafwise, r.grad]) <= RTOL for r in ok)}. Refused: "
         f"{sum(r.status == 'refused' for r in results)}.",
         "",
         "Leafwise relative error of the product, per configuration ('n/a': "
@@ -556,6 +585,9 @@ def main(argv=None) -> list[Result]:
     parser.add_argument(
         "--combine", nargs="+", default=None, help="report the results of --json runs"
     )
+    parser.add_argument(
+        "--logs", nargs="+", default=[], help="with --combine: stopped runs' stderr"
+    )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.hvp_accuracy " + " ".join(
         repr(a) if " " in a else a for a in (argv or sys.argv[1:])
@@ -581,6 +613,9 @@ def main(argv=None) -> list[Result]:
                 combined[r["family"], r["config"]] = Result(**r)
             elapsed += saved["elapsed"]
             commands.append(saved["command"])
+        for path in args.logs:
+            for r in from_log(path):
+                combined[r.family, r.config] = r
         commands.append(command)
         results = list(combined.values())
     else:
