@@ -49,6 +49,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -621,7 +622,8 @@ def main(argv=None) -> list[Result]:
     else:
         names = [n for n in FAMILIES if args.only.lower() in n.lower()]
         if args.families is not None:
-            names = args.families.split(",")
+            # Commas between names; "SymmetricComposition(ALF, 4)" has ", " in it.
+            names = re.split(r",(?! )", args.families)
         configs = args.configs
         if args.quick:
             names, configs = [QUICK[0]], QUICK[1]
