@@ -38,8 +38,9 @@ Usage: `python -m benchmarks.hvp_accuracy [--quick] [--only SUBSTRING] [--out DI
 (prints markdown tables; `--out` writes `hvp_accuracy_<backend>.md` there).
 `--quick`: one family and one configuration, for the smoke test;
 `--families A,B` and `--configs SUBSTRING` select; `--json PATH` saves the results
-and `--combine PATH...` reports those of several runs (a later run's result
-replaces an earlier one's); `--init-cost`: only the cost of the forward pass's
+and `--combine PATH...` reports those of several runs, from their `--json` files
+or, for a run stopped early, its stderr (a later file's result replaces an earlier
+one's); `--init-cost`: only the cost of the forward pass's
 repeated `solver.init` (compiled flops and memory, interleaved times of a gradient
 with and without it).
 """
@@ -469,14 +470,14 @@ def from_log(path: str) -> list[Result]:
     return results
 
 
-def report(results: list[Result], elapsed: float) -> list[str]:
+def report(results: list[Result], elapsed: float | None) -> list[str]:
     ok = [r for r in results if r.status == "ok"]
     worst = max(ok, key=lambda r: np.nanmax([r.leafwise, r.grad]))
+    took = "" if elapsed is None else f" in {elapsed:.0f} s (compilation, mostly)"
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"diffrax {diffrax.__version__}, backend {jax.default_backend()}, float64. "
-        f"{len(ok)} configurations compared in {elapsed:.0f} s (wall time summed over "
-        "the runs; compilation, mostly).",
+        f"{len(ok)} configurations compared{took}.",
         "",
         *summary_table(results),
         "",
@@ -584,10 +585,12 @@ def main(argv=None) -> list[Result]:
         "--init-cost", action="store_true", help="only time the repeated init"
     )
     parser.add_argument(
-        "--combine", nargs="+", default=None, help="report the results of --json runs"
-    )
-    parser.add_argument(
-        "--logs", nargs="+", default=[], help="with --combine: stopped runs' stderr"
+        "--combine",
+        nargs="+",
+        default=None,
+        help="report the results of earlier runs: their --json files, or the stderr "
+        "of runs stopped before writing one; a later file's result replaces an "
+        "earlier one's",
     )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.hvp_accuracy " + " ".join(
@@ -605,18 +608,16 @@ def main(argv=None) -> list[Result]:
         print("\n".join(lines), flush=True)
         return []
     if args.combine is not None:
-        # A later run's result replaces an earlier one's for the same configuration.
-        combined, elapsed, commands = {}, 0.0, []
+        combined, elapsed, commands = {}, None, []
         for path in args.combine:
-            with open(path) as f:
-                saved = json.load(f)
-            for r in saved["results"]:
-                combined[r["family"], r["config"]] = Result(**r)
-            elapsed += saved["elapsed"]
-            commands.append(saved["command"])
-        for path in args.logs:
-            for r in from_log(path):
-                combined[r.family, r.config] = r
+            if path.endswith(".json"):
+                with open(path) as f:
+                    saved = json.load(f)
+                loaded = [Result(**r) for r in saved["results"]]
+                commands.append(saved["command"])
+            else:
+                loaded = from_log(path)
+            combined.update({(r.family, r.config): r for r in loaded})
         commands.append(command)
         results = list(combined.values())
     else:
