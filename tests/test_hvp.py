@@ -261,3 +261,15 @@ def test_events_are_refused():
     grad = jax.grad(loss)
     with pytest.raises(NotImplementedError, match=r"event.*DirectAdjoint"):
         jax.jvp(lambda y: grad(y, REV), (y0,), (y0,))
+
+
+def test_accuracy_benchmark_quick(tmp_path):
+    """`benchmarks/hvp_accuracy.py` (the accuracy table of issue 23) in its quick
+    mode: one family, one configuration."""
+    from benchmarks import hvp_accuracy
+
+    (result,) = hvp_accuracy.main(["--quick", "--out", str(tmp_path)])
+    assert result.status == "ok"
+    assert max(result.norm, result.leafwise, result.grad) < GRAD_RTOL
+    report = (tmp_path / f"hvp_accuracy_{jax.default_backend()}.md").read_text()
+    assert "| Reversible(Midpoint) | 1 |" in report
