@@ -389,13 +389,27 @@ def _sde_loss(y0, p, solver, adjoint, additive, tree=True):
         (diffrax.SPaRK(), False, False),
         (diffrax.ShARK(), True, False),
         (None, False, True),
+        # A multistep state holding a time: linearised without differentiating it
+        # (the tree refuses time tangents; `detach_state_times`).
+        ("LeapfrogMidpoint", False, True),
     ],
-    ids=["Heun", "Midpoint", "SlowRK", "SPaRK", "ShARK", "ReversibleHeun"],
+    ids=[
+        "Heun",
+        "Midpoint",
+        "SlowRK",
+        "SPaRK",
+        "ShARK",
+        "ReversibleHeun",
+        "LeapfrogMidpoint",
+    ],
 )
 def test_sde(base, additive, tree):
-    solver = (
-        revdiffrax.ReversibleHeun() if base is None else revdiffrax.Reversible(base)
-    )
+    if base is None:
+        solver = revdiffrax.ReversibleHeun()
+    elif base == "LeapfrogMidpoint":
+        solver = revdiffrax.LeapfrogMidpoint()
+    else:
+        solver = revdiffrax.Reversible(base)
     g = eqx.filter_jit(jax.grad(_sde_loss, argnums=(0, 1)))
     g_rev = g(Y0, A, solver, REV, additive, tree)
     g_rca = g(Y0, A, solver, RCA, additive, tree)

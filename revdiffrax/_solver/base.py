@@ -77,6 +77,14 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
         del t_prev
         return self
 
+    def detach_state_times(self, solver_state: _SolverState) -> _SolverState:
+        """`solver_state` with the times it holds (e.g. the start of the previous
+        step of a multistep method) made constants, for linearising `step` when the
+        step times are not differentiated: a control such as a
+        `VirtualBrownianTree` refuses tangents on its evaluation times. The default
+        returns `solver_state` (a state without times)."""
+        return solver_state
+
     def second_state(self, y: Y, solver_state: _SolverState) -> Y | None:
         """The second approximation of the solution that a two-state method carries
         in its solver state (e.g. $z$ of [`revdiffrax.Reversible`][]), or `None`
@@ -239,6 +247,8 @@ def linearise_step(
         # Times are differentiated only on request: e.g. a `VirtualBrownianTree`
         # refuses to be differentiated in time.
         _t0, _t1 = times if diff_times else (t0, t1)
+        if not diff_times and isinstance(solver, AbstractReversibleSolver):
+            state = solver.detach_state_times(state)
         _y1, _, _dense_info, _state1, _ = solver.step(
             _terms, _t0, _t1, y, _args, state, made_jump
         )

@@ -3,6 +3,7 @@ from typing import ClassVar, TypeAlias
 
 import diffrax
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
@@ -74,6 +75,10 @@ class LeapfrogMidpoint(AbstractReversibleSolver[_SolverState]):
 
     def order(self, terms):
         return 2
+
+    def detach_state_times(self, solver_state: _SolverState) -> _SolverState:
+        tm1, ym1, t_start = solver_state
+        return lax.stop_gradient(tm1), ym1, lax.stop_gradient(t_start)
 
     def init(self, terms, t0, t1, y0, args) -> _SolverState:
         del terms, t1, args
