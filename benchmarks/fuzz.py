@@ -954,7 +954,10 @@ def _suffix(opts) -> str:
     """'' for a whole run (or a merge), else which part of the run this is."""
     if opts.merge or not (opts.start or opts.stride or opts.case):
         return ""
-    parts = [opts.start, *(opts.stride or ()), *(opts.case or ())]
+    cases = opts.case or ()
+    if len(cases) > 4:  # a file name must stay short
+        cases = (min(cases), max(cases), f"{len(cases)}cases")
+    parts = [opts.start, *(opts.stride or ()), *cases]
     return "_part" + "_".join(str(x) for x in parts)
 
 
