@@ -13,6 +13,7 @@ import warnings
 import diffrax
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 import revdiffrax
@@ -237,3 +238,38 @@ def test_reversible_heun_reports_its_second_state():
     # Solvers without a second state report nothing.
     sol = _solve(revdiffrax.LeapfrogMidpoint(), revdiffrax.ReversibleAdjoint(), t1=1.0)
     assert "parasitic_offset" not in sol.stats
+
+
+def _sde_solve(adjoint):
+    """diffrax's neural SDE example in miniature: `ReversibleHeun`, constant steps,
+    noise of the size of the drift."""
+    bm = diffrax.VirtualBrownianTree(
+        0.0, 4.0, tol=1e-3, shape=(2,), key=jax.random.key(0, impl="unsafe_rbg")
+    )
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: -y),
+        diffrax.ControlTerm(
+            lambda t, y, args: lx.DiagonalLinearOperator(jnp.ones_like(y)), bm
+        ),
+    )
+    return diffrax.diffeqsolve(
+        terms,
+        revdiffrax.ReversibleHeun(),
+        0.0,
+        4.0,
+        0.1,
+        jnp.array([1.0, -0.5]),
+        adjoint=adjoint,
+    )
+
+
+def test_sde_offset_reported_not_alarmed():
+    # The two states of reversible Heun differ by the Brownian increments: far
+    # above the constant-step threshold, and harmless.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sol = _sde_solve(revdiffrax.ReversibleAdjoint())
+    assert not _parasitic_warnings(record)
+    assert float(sol.stats["parasitic_offset"]) > 1e-2
+    with pytest.raises(Exception, match="parasitic_tol=0.001"):
+        _sde_solve(revdiffrax.ReversibleAdjoint(parasitic_tol=1e-3))

@@ -369,6 +369,8 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     constant steps; with an adaptive controller of tolerances `rtol`, `atol` over
     $N$ accepted steps, above $10 N (\text{rtol} + \text{atol}\sqrt{n} /
     \|y_N\|_2)$: ten times what the local errors the controller allowed can add
-    up to, beyond which the mode must have grown. A number: raise an error above
+    up to, beyond which the mode must have grown. On an SDE (terms with a
+    Brownian motion) `"auto"` only reports the offset: there the two states
+    differ by the noise increments themselves. A number: raise an error above
     it. `None`: no check.
 """
