@@ -198,7 +198,7 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         "kuramoto",
         f"Kuramoto-type network, batch {batch} x {oscillators} oscillators, learned "
         "frequencies, learned rank-8 coupling in O(oscillators), per-oscillator "
-        "correction MLP 2-16-1, Midpoint, dt = 0.05",
+        "correction MLP 2-16-1, Midpoint, dt = 0.05, Reversible coupling 0.98",
         Kuramoto(oscillators, 8, 16, key),
         theta0,
         0.05,
