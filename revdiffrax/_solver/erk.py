@@ -298,15 +298,15 @@ def stage_residual_bytes(terms, t0, t1, y, args) -> int:
 
 # States of at most this many elements (per solve) have the stages of `Reversible`'s
 # explicit Runge-Kutta base steps unrolled (`erk_step`); larger ones use diffrax's
-# stage loop. Unrolled, a small step is a few
-# fused kernels, which is what sets its time. But XLA fuses the elementwise
+# stage loop. Unrolled, a small step is a few fused kernels, which is what sets its
+# time. But XLA fuses the elementwise
 # computation of a stage's input into every consumer of it, and a consumer that
 # reads each element many times (a stencil's neighbours, a broadcast into a hidden
 # layer) then recomputes the earlier stages per read: on the CPU a 64 x 64
 # reaction-diffusion step took 3x, and its gradient 4x, diffrax's stage loop, whose
 # stage values are materialised in the loop carry. At 256 elements the two were
 # even (a Kuramoto network) or unrolling won (a 16 x 16 stencil); at 64 unrolling
-# was 3x-14x faster (`benchmarks/results/scaling_cpu.md`).
+# was 3x-14x faster (`results/scaling.md`, "The forward overhead").
 UNROLL_MAX_ELEMENTS = 256
 
 

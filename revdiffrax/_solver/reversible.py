@@ -723,7 +723,8 @@ Reversible.__init__.__doc__ = """**Arguments:**
     default `scan_kind=None`) are made, forward and in the reconstruction: `True`
     with their stages unrolled (a few fused kernels per step: fastest for small
     states), `False` by diffrax's stage loop, `None` (the default) unrolled for
-    states of at most 256 elements per solve. Unrolled, XLA fuses the computation of
+    states of at most 256 elements per solve. With `integrated` components the
+    steps are always unrolled. Unrolled, XLA fuses the computation of
     a stage's input into each of its consumers, and a consumer that reads an element
     many times (a stencil, a broadcast into a hidden layer) then recomputes the
     earlier stages per read: up to 3x the time of the stage loop for a forward solve
