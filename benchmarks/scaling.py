@@ -138,6 +138,21 @@ class Scaling:
     dtypes: tuple[Any, ...]  # the dtypes measured; float64 is also the reference
     loss_of_state: Callable[[jax.Array, jax.Array], jax.Array]  # (y1, y0) -> loss
     time_max_n: int  # the largest N timed on this machine
+    # `checkpoint_every` of the reversible adjoint, per dtype name; "auto" where
+    # absent. Explicit where the horizon law of "auto" is wrong (contracting flows,
+    # see `results/scaling.md`).
+    checkpoint_every: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    coupling: float = 0.999  # of `Reversible(base, coupling)`
+
+    def reversible(self, **kwargs) -> revdiffrax.Reversible:
+        return revdiffrax.Reversible(self.base, self.coupling, **kwargs)
+
+    def reversible_adjoint(self, dtype, **kwargs) -> revdiffrax.ReversibleAdjoint:
+        name = jnp.dtype(dtype).name
+        if name in self.checkpoint_every:
+            k = self.checkpoint_every[name]
+            return revdiffrax.ReversibleAdjoint(checkpoint_every=k, **kwargs)
+        return revdiffrax.ReversibleAdjoint(checkpoint_every="auto", **kwargs)
 
     def loss(self, solver, adjoint, n: int, dtype) -> tuple[Callable, Any, Any]:
         """`(params, y0) -> loss` for an N-step solve in `dtype`, and its inputs."""
@@ -183,7 +198,7 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         "kuramoto",
         f"Kuramoto-type network, batch {batch} x {oscillators} oscillators, learned "
         "frequencies, learned rank-8 coupling in O(oscillators), per-oscillator "
-        "correction MLP 2-16-1, Midpoint, dt = 0.05",
+        "correction MLP 2-16-1, Midpoint, dt = 0.05, Reversible coupling 0.98",
         Kuramoto(oscillators, 8, 16, key),
         theta0,
         0.05,
@@ -191,7 +206,26 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         (jnp.float32,),
         _cos_loss,
         time_max_n,
+        # The network synchronises, i.e. contracts: the float32 drift without
+        # checkpoints grew like e^(0.0144 per step) from 100 to 1,000 steps, and at
+        # the default coupling 0.999 the parasitic mode grew (y and z 7% apart after
+        # 1,000 steps, `ParasiticModeWarning`). A coupling of at most e^(-h rho)
+        # keeps the mode down, and then the horizon law of "auto" (1 / coupling per
+        # step) also covers the contraction's amplification. At 0.98 the "auto"
+        # drift after 1,000 float32 steps was 4.9e-4 (14x the law; 1e5x at 0.999),
+        # but y and z still ended 6% apart: the fastest decay exceeds the average.
+        coupling=0.98,
     )
+
+
+# Allen-Cahn's linearisation has eigenvalues from D * (-8) + (a - 3b) = -2.8 (the
+# stencil's highest frequency near u = +-1) to a = 1. The reversible scheme's
+# parasitic mode is multiplied per step by about coupling / R(h mu), R the base
+# solver's stability function, so it is stable only where R(h mu) >= coupling =
+# 0.999 for every decaying mode: h * 2.8 <= 1e-3. dt = 2.5e-4 gives h rho = 7e-4
+# (dt = 0.1 and D = 0.2, before, gave 1.42 per step: NaN gradients at N = 1e3).
+RD_COEFFS = (0.1, 1.0, 1.0, 0.0)  # (D, a, b, c)
+RD_DT = 2.5e-4
 
 
 def reaction_diffusion(grid: int, time_max_n: int) -> Scaling:
@@ -199,10 +233,10 @@ def reaction_diffusion(grid: int, time_max_n: int) -> Scaling:
     return Scaling(
         "reaction-diffusion",
         f"Allen-Cahn reaction-diffusion on a periodic {grid}x{grid} grid, 4 learned "
-        "coefficients (D, a, b, c), Midpoint, dt = 0.1",
-        AllenCahn(jnp.array([0.2, 1.0, 1.0, 0.0])),
+        f"coefficients (D, a, b, c) = {RD_COEFFS}, Midpoint, dt = {RD_DT:g}",
+        AllenCahn(jnp.array(RD_COEFFS)),
         u0,
-        0.1,
+        RD_DT,
         diffrax.Midpoint(),
         (jnp.float32, jnp.float64),
         _pattern_loss,
@@ -266,16 +300,13 @@ def rca_counts(n: int) -> list[int]:
     return sorted(c for c in counts if c <= n)
 
 
-REVERSIBLE = 'Reversible("auto")'
+REVERSIBLE = "ReversibleAdjoint"
 
 
-def adjoints(n: int) -> dict[str, tuple[Any, int | None]]:
+def adjoints(work: Scaling, n: int, dtype) -> dict[str, tuple[Any, int | None]]:
     """Label -> (adjoint, RCA checkpoint count or None for reversible)."""
     out: dict[str, tuple[Any, int | None]] = {
-        REVERSIBLE: (
-            revdiffrax.ReversibleAdjoint(checkpoint_every="auto", drift_tol=None),
-            None,
-        )
+        REVERSIBLE: (work.reversible_adjoint(dtype, drift_tol=None), None)
     }
     for c in rca_counts(n):
         out[f"RCA({c})"] = (diffrax.RecursiveCheckpointAdjoint(checkpoints=c), c)
@@ -283,7 +314,7 @@ def adjoints(n: int) -> dict[str, tuple[Any, int | None]]:
 
 
 def solver_for(work: Scaling, checkpoints: int | None) -> diffrax.AbstractSolver:
-    return revdiffrax.Reversible(work.base) if checkpoints is None else work.base
+    return work.reversible() if checkpoints is None else work.base
 
 
 def model_cost(checkpoints: int | None, n: int) -> float:
@@ -308,6 +339,7 @@ class Row:
     grad_error: float | None = None
     drift: float | None = None
     note: str = ""
+    k: int | str | None = "auto"  # the reversible adjoint's `checkpoint_every`
 
 
 def _grad_fn(loss):
@@ -317,7 +349,7 @@ def _grad_fn(loss):
 def reference_grad(work: Scaling, n: int, reversible: bool):
     """The float64 gradient of the discrete solve (through `Reversible(base)` or
     the base solver), by `RecursiveCheckpointAdjoint` with a checkpoint per step."""
-    solver = revdiffrax.Reversible(work.base) if reversible else work.base
+    solver = work.reversible() if reversible else work.base
     adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=n)
     loss, p, y0 = work.loss(solver, adjoint, n, jnp.float64)
     return jax.block_until_ready(_grad_fn(loss)(p, y0))
@@ -332,14 +364,24 @@ def measure(
     if timed:
         refs = {rev: reference_grad(work, n, rev) for rev in (True, False)}
     rows, fns = [], {}
-    for label, (adjoint, c) in adjoints(n).items():
+    drifts: list = []
+    for label, (adjoint, c) in adjoints(work, n, dtype).items():
         solver = solver_for(work, c)
+        if c is None:  # the reconstruction drift of every reversible gradient
+            adjoint = work.reversible_adjoint(
+                dtype, drift_tol=None, drift_callback=drifts.append
+            )
         loss, p, y0 = work.loss(solver, adjoint, n, dtype)
         compiled = jax.jit(jax.grad(loss)).lower(p, y0).compile()
         row = Row(work.name, jnp.dtype(dtype).name, n, label, c, temp_bytes(compiled))
         if c is None:
-            row.auto_k = resolve_checkpoint_every(
-                y0=y0, solver=solver, max_steps=n, drift_tol=None
+            row.k = adjoint.checkpoint_every
+            row.auto_k = (
+                resolve_checkpoint_every(
+                    y0=y0, solver=solver, max_steps=n, drift_tol=None
+                )
+                if isinstance(row.k, str)
+                else row.k
             )
         rows.append(row)
         if not timed:
@@ -349,6 +391,8 @@ def measure(
             continue
         grad = jax.block_until_ready(compiled(p, y0))
         row.grad_error = tree_rel_error(grad, refs[c is None], norm="2")
+        if c is None and drifts:
+            row.drift = float(drifts[-1])
         fns[label] = (lambda x, f=compiled: f(*x), (p, y0))
     if fns:
         times = interleaved_times(fns, repeats, min_sample_s=0.05)
@@ -388,7 +432,7 @@ def horizon_1gib(work: Scaling, dtype, label: str, ns: Sequence[int]) -> str:
     (compiling costs the same at every N: the solve is a while loop)."""
 
     def memory(n: int) -> int:
-        adjoint, c = _adjoint_of(label, n)
+        adjoint, c = _adjoint_of(work, label, n, dtype)
         loss, p, y0 = work.loss(solver_for(work, c), adjoint, n, dtype)
         out = temp_bytes(jax.jit(jax.grad(loss)).lower(p, y0).compile())
         assert out is not None
@@ -410,9 +454,9 @@ def horizon_1gib(work: Scaling, dtype, label: str, ns: Sequence[int]) -> str:
     return f"{guess:,}" if m <= GIB else f"< {guess:,}"
 
 
-def _adjoint_of(label: str, n: int):
+def _adjoint_of(work: Scaling, label: str, n: int, dtype):
     if label == REVERSIBLE:
-        return adjoints(n)[REVERSIBLE]
+        return adjoints(work, n, dtype)[REVERSIBLE]
     if label == "RCA(N)":
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=n), n
     if label == "RCA(sqrt(2N))":
@@ -432,7 +476,7 @@ def measured_drift(work: Scaling, n: int, dtype, checkpoint_every) -> float:
     adjoint = revdiffrax.ReversibleAdjoint(
         checkpoint_every=checkpoint_every, drift_tol=None, drift_callback=drifts.append
     )
-    loss, p, y0 = work.loss(revdiffrax.Reversible(work.base), adjoint, n, dtype)
+    loss, p, y0 = work.loss(work.reversible(), adjoint, n, dtype)
     jax.block_until_ready(jax.jit(jax.grad(loss))(p, y0))
     return float(drifts[-1])
 
@@ -440,7 +484,7 @@ def measured_drift(work: Scaling, n: int, dtype, checkpoint_every) -> float:
 def drift_law(work: Scaling, ns: Sequence[int]) -> list[str]:
     """Measured drift without checkpoints and with `"auto"`, against the law
     `eps * sqrt(S(N))` (no safety factor), in float32 and float64."""
-    coupling = revdiffrax.Reversible(work.base).coupling
+    coupling = work.coupling
     lines = [
         "| dtype | N | law eps sqrt(S(N)) | drift, no checkpoints | measured / law "
         '| k ("auto") | drift, "auto" |',
@@ -453,7 +497,7 @@ def drift_law(work: Scaling, ns: Sequence[int]) -> list[str]:
             plain = measured_drift(work, n, dtype, None)
             k = resolve_checkpoint_every(
                 y0=work.y0.astype(dtype),
-                solver=revdiffrax.Reversible(work.base),
+                solver=work.reversible(),
                 max_steps=n,
                 drift_tol=None,
             )
@@ -492,15 +536,16 @@ def count_evaluations(work: Scaling, solver, n: int) -> float:
 
 
 def forward_overhead(work: Scaling, n: int, repeats: int) -> list[str]:
-    """Forward-solve times of the base solver, `Reversible(base)` with and without
-    the parasitic error estimate, and the base solver with twice the steps (the
+    """Forward-solve times of the base solver, `Reversible(base)` with its default
+    (diffrax's stage loop for states above 256 elements) and with the stages
+    unrolled (the default before), and the base solver with twice the steps (the
     evaluations of the reversible scheme, with twice the loop overhead)."""
     dtype = jnp.float32
     variants = {
         "base, N steps": (work.base, n, 1),
-        "Reversible(base), N steps": (revdiffrax.Reversible(work.base), n, 1),
-        "Reversible(base, parasitic_error=False)": (
-            revdiffrax.Reversible(work.base, parasitic_error=False),
+        "Reversible(base), N steps": (work.reversible(), n, 1),
+        "Reversible(base, unroll_stages=True)": (
+            work.reversible(unroll_stages=True),
             n,
             1,
         ),
@@ -538,16 +583,20 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 
 def table(rows: list[Row]) -> list[str]:
     lines = [
-        "| N | adjoint | k (auto) | memory (MiB) | time (s) | model cost / step (F) "
-        "| grad error vs float64 |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| N | adjoint | checkpoint_every | memory (MiB) | time (s) | model cost / "
+        "step (F) | grad error vs float64 | drift |",
+        "|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        k = "-" if r.checkpoints is not None else str(r.auto_k or "none")
+        k = "-"
+        if r.checkpoints is None:
+            k = str(r.auto_k or "none")
+            k = f'"auto": {k}' if r.k == "auto" else f"{k} (set)"
         err = _fmt(r.grad_error) if r.grad_error is not None else (r.note or "-")
         lines.append(
             f"| {r.n:,} | {r.label} | {k} | {_mib(r.temp_bytes)} | "
-            f"{_fmt(r.time_s, '.3g')} | {model_cost(r.checkpoints, r.n):g} | {err} |"
+            f"{_fmt(r.time_s, '.3g')} | {model_cost(r.checkpoints, r.n):g} | {err} "
+            f"| {_fmt(r.drift)} |"
         )
     return lines
 
@@ -700,7 +749,7 @@ def run(
         work = works[0]
         report += (
             [
-                f"## The horizon law ({work.name}, coupling 0.999)",
+                f"## The horizon law ({work.name}, coupling {work.coupling})",
                 "",
             ]
             + drift_law(work, drift_ns)

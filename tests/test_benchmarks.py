@@ -94,14 +94,15 @@ def test_scaling_measure_quick():
     work = scaling.white_dwarf(time_max_n=10**9)
     rows = scaling.measure(work, 6, jnp.float64, repeats=1, max_recompute=24)
     labels = [r.label for r in rows]
-    assert labels == ['Reversible("auto")', "RCA(2)", "RCA(3)", "RCA(4)", "RCA(6)"]
+    assert labels == ["ReversibleAdjoint", "RCA(2)", "RCA(3)", "RCA(4)", "RCA(6)"]
     for r in rows:
         assert r.temp_bytes is not None and r.temp_bytes > 0
         assert r.time_s is not None and r.time_s > 0
         # float64 gradients of the same discrete solve agree with the reference.
         assert r.grad_error is not None and r.grad_error < 1e-9
-    # Six steps are one segment: "auto" makes no checkpoints.
-    assert rows[0].auto_k is None
+    # Six steps are one segment: "auto" makes no checkpoints; the drift is reported.
+    assert rows[0].k == "auto" and rows[0].auto_k is None
+    assert rows[0].drift is not None and rows[0].drift < 1e-12
 
 
 def test_gpu_report_quick(tmp_path, monkeypatch):

@@ -20,10 +20,13 @@ follow the same law with $\lambda = 1$: $\varepsilon \sqrt{k}$.
 `drift_tol`, else the warning threshold $\sqrt{\varepsilon}$); the safety factor
 covers a modest problem-dependent error growth (its Jacobian along the
 reconstruction), measured at 1x-8x on the white dwarf and issue 24's Kuramoto runs.
-A dissipative (contracting) or chaotic problem grows errors exponentially in the
-backward reconstruction whatever the coupling (1e5-1e10 times the law on the
-synchronising network of `benchmarks/scaling.py`), and "auto" does not bound that:
-measure with [`revdiffrax.choose_checkpoint_every`][] and keep the drift warning.
+A dissipative problem's contraction (rate $\rho$) amplifies the reconstruction by
+$e^{h\rho}$ per step, which $1/\lambda$ bounds exactly when the coupling is in the
+stability strip $h\rho \le -\ln\lambda$; outside it the parasitic mode grows and
+the `ParasiticModeWarning` and drift checks warn at run time (see "The horizon
+law" in the docs). A chaotic problem grows errors at its Lyapunov exponent, which
+"auto" does not bound: measure with [`revdiffrax.choose_checkpoint_every`][] and
+keep the drift warning.
 Storage is `max_steps // k` states: the number of accepted steps is only known at
 run time.
 """

@@ -2,9 +2,10 @@
 stage at a time.
 
 `Reversible` makes two base steps per step of the solve and two more on the backward
-pass. For explicit Runge-Kutta bases it evaluates them here rather than through
-diffrax's stage loop: unrolled, XLA fuses a step into a few kernels; and on the
-backward pass, when one stage's residuals are large (neural vector fields), the
+pass. For explicit Runge-Kutta bases and small states it evaluates them here rather
+than through diffrax's stage loop: unrolled, XLA fuses a step into a few kernels
+(`unroll_stages` says when; for larger states the fusion recomputes stages); and on
+the backward pass, when one stage's residuals are large (neural vector fields), the
 pullback runs one stage at a time (`_StagePullback`) so that only one stage's
 residuals are alive at once.
 """
@@ -293,6 +294,35 @@ def stage_residual_bytes(terms, t0, t1, y, args) -> int:
     vjp = eqx.filter_eval_shape(linearise, y, (terms, args))
     inputs = eqx.filter((y, terms, args), eqx.is_array)
     return max(_nbytes(vjp) - _nbytes(inputs), 0)
+
+
+# States of at most this many elements (per solve) have the stages of `Reversible`'s
+# explicit Runge-Kutta base steps unrolled (`erk_step`); larger ones use diffrax's
+# stage loop. Unrolled, a small step is a few fused kernels, which is what sets its
+# time. But XLA fuses the elementwise
+# computation of a stage's input into every consumer of it, and a consumer that
+# reads each element many times (a stencil's neighbours, a broadcast into a hidden
+# layer) then recomputes the earlier stages per read: on the CPU a 64 x 64
+# reaction-diffusion step took 3x, and its gradient 4x, diffrax's stage loop, whose
+# stage values are materialised in the loop carry. At 256 elements the two were
+# even (a Kuramoto network) or unrolling won (a 16 x 16 stencil); at 64 unrolling
+# was 3x-14x faster (`results/scaling.md`, "The forward overhead").
+UNROLL_MAX_ELEMENTS = 256
+
+
+def unroll_stages(solver, u, choice=None) -> bool:
+    """Whether `Reversible` makes a base step of `solver` from state `u` with its
+    stages unrolled (`erk_step`) rather than by `solver.step`: only for plain
+    explicit Runge-Kutta methods; then as `choice` says, or by default for states of
+    at most `UNROLL_MAX_ELEMENTS` elements. The count is per solve (not times
+    `vmap_size()`, which the forward pass does not know), so that the forward pass
+    and the backward reconstruction make every base step the same way."""
+    if not is_plain_erk(solver):
+        return False
+    if choice is not None:
+        return choice
+    size = sum(int(np.size(x)) for x in jtu.tree_leaves(u))
+    return size <= UNROLL_MAX_ELEMENTS
 
 
 def use_stage_pullback(solver, terms, t0, t1, u, args, choice=None) -> bool:

@@ -20,6 +20,7 @@ from .erk import (
     erk_step as _erk_step,
     is_plain_erk as _is_plain_erk,
     pull_back_stages as _pull_back_stages,
+    unroll_stages as _unroll_stages,
     use_stage_pullback as _use_stage_pullback,
 )
 from .integrated import check_integrated, split_state, StateSplit
@@ -211,6 +212,7 @@ class Reversible(
     # hashable whatever the state's containers (see `_freeze`).
     integrated: Any = eqx.field(default=None, static=True, converter=_freeze)
     stage_pullback: bool | None = eqx.field(default=None, static=True)
+    unroll_stages: bool | None = eqx.field(default=None, static=True)
     parasitic_error: bool = eqx.field(default=False, static=True)
 
     # Every base step is made with `made_jump=True`, so jumps change nothing.
@@ -312,8 +314,15 @@ class Reversible(
         # `made_jump=True` makes FSAL solvers re-evaluate their first stage: successive
         # base steps start from different points (z_n, then y_{n+1}), so a stage
         # carried over from the previous base step would be wrong. This leaves the
-        # user's solver object untouched.
-        if _is_plain_erk(self.solver):
+        # user's solver object untouched. Explicit Runge-Kutta steps of small states
+        # are unrolled (`erk_step`), larger ones use diffrax's stage loop (see
+        # `unroll_stages`).
+        if _is_plain_erk(self.solver) and (
+            # Integrated leaves need the unrolled step: the base state (FSAL) has
+            # the full state's structure, the step only the dynamic leaves.
+            self.integrated is not None
+            or _unroll_stages(self.solver, u, self.unroll_stages)
+        ):
             increment, error, dense_info = _erk_step(
                 self.solver.tableau, terms, t0, t1, u, args
             )
@@ -710,4 +719,14 @@ Reversible.__init__.__doc__ = """**Arguments:**
     solves that a `jax.vmap` of the solve pulls back at once (diffrax's
     per-sample style: a stage of one sample is small, but XLA holds the whole
     batch's).
+- `unroll_stages`: how the base steps of an explicit Runge-Kutta method (with the
+    default `scan_kind=None`) are made, forward and in the reconstruction: `True`
+    with their stages unrolled (a few fused kernels per step: fastest for small
+    states), `False` by diffrax's stage loop, `None` (the default) unrolled for
+    states of at most 256 elements per solve. With `integrated` components the
+    steps are always unrolled. Unrolled, XLA fuses the computation of
+    a stage's input into each of its consumers, and a consumer that reads an element
+    many times (a stencil, a broadcast into a hidden layer) then recomputes the
+    earlier stages per read: up to 3x the time of the stage loop for a forward solve
+    and 4x for a gradient on the CPU.
 """
