@@ -47,9 +47,9 @@ def _setup():
 
 
 def test_choose_adjoint_budgets(capsys):
-    """With room for everything it picks storing every state (RCA(N), about 3x
-    faster than the others here); under a budget that only the reversible adjoint
-    meets, the reversible adjoint."""
+    """With room for everything it picks the fastest measured (RCA(N) or the
+    reversible adjoint here, close in time since `Reversible`'s stage loop); under a
+    budget that only the reversible adjoint meets, the reversible adjoint."""
     loss, params, y0 = _setup()
     candidates = {
         "RCA(2)": diffrax.RecursiveCheckpointAdjoint(checkpoints=2),
@@ -59,7 +59,9 @@ def test_choose_adjoint_budgets(capsys):
     chosen, rows = revdiffrax.choose_adjoint(
         loss, params, y0, candidates=candidates, repeats=5
     )
-    assert chosen is candidates["RCA(N)"]
+    fastest = min(rows, key=lambda r: r.seconds)  # pyright: ignore
+    assert chosen is candidates[fastest.label]
+    assert fastest.label != "RCA(2)"  # two checkpoints recompute: far slower
     assert "<- chosen" in capsys.readouterr().out
     memory = {r.label: r.temp_bytes for r in rows}
     assert memory["reversible"] < memory["RCA(2)"] < memory["RCA(N)"]  # pyright: ignore

@@ -222,6 +222,16 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 "`revdiffrax.choose_checkpoint_every` measures a good value."
             )
 
+    def _resolved(self, y0, solver, max_steps) -> "ReversibleAdjoint":
+        """This adjoint with `checkpoint_every="auto"` resolved to a number (or
+        None) from the horizon law, at trace time."""
+        if self.checkpoint_every != "auto":
+            return self
+        k = resolve_checkpoint_every(
+            y0=y0, solver=solver, max_steps=max_steps, drift_tol=self.drift_tol
+        )
+        return dataclasses.replace(self, checkpoint_every=k)
+
     def loop(
         self,
         *,
@@ -290,15 +300,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         # `dt0` and `SaveAt.ts` travel in `inputs`. A passed controller state gets no
         # cotangent (`continued.py`).
         init_state = _stop_gradient(eqx.tree_at(lambda s: s.y, init_state, object()))
-        adjoint = self
-        if self.checkpoint_every == "auto":
-            k = resolve_checkpoint_every(
-                y0=y0, solver=solver, max_steps=max_steps, drift_tol=self.drift_tol
-            )
-            adjoint = dataclasses.replace(self, checkpoint_every=k)
         final_state, aux_stats = loop_reversible(
             inputs,
-            adjoint=adjoint,
+            adjoint=self._resolved(y0, solver, max_steps),
             solver=solver,
             stepsize_controller=_stop_gradient(
                 _constant_controller(stepsize_controller)
