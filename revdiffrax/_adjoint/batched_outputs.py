@@ -15,8 +15,10 @@ same defect: its `custom_vjp` is in `equinox.internal`'s checkpointed loop.)
 `batch_like_inputs` adds a zero that depends on every differentiable input to one
 element of each floating-point output: the outputs are then batched whenever an
 input is, and each sample's backward pass receives its own cotangent. The zero is
-`where(x == x, 0, 0)` (also 0 for a NaN or infinite `x`); XLA folds it away, and
-only an output that would have been unbatched is copied per sample.
+`where(x == x, 0, 0)` (also 0 for a NaN or infinite `x`). XLA folds it away:
+without `vmap` the compiled flops and temp memory of a `Tsit5` solve and of its
+gradient are unchanged (the forward reads 16 bytes more). Under `vmap` only an
+output that would have been unbatched is copied per sample.
 """
 
 from typing import Any
