@@ -7,15 +7,25 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import lineax as lx
 import pytest
 import revdiffrax
+from benchmarks.hvp_problems import (
+    ALF,
+    cde_loss,
+    hvp,
+    ode_loss,
+    PARAMS,
+    pid,
+    SAVEATS,
+    sde_loss,
+    STATIC,
+    TANGENT,
+)
 from helpers import GRAD_RTOL, tree_rel_err
 
 
 DIRECT = diffrax.DirectAdjoint()
 REV = revdiffrax.ReversibleAdjoint()
-ALF = revdiffrax.AsynchronousLeapfrog()
 
 SOLVERS = {
     "Reversible(Euler)": revdiffrax.Reversible(diffrax.Euler()),
@@ -26,67 +36,6 @@ SOLVERS = {
     "AsynchronousLeapfrog": ALF,
     "SymmetricComposition(ALF, 4)": revdiffrax.SymmetricComposition(ALF, order=4),
 }
-TS = jnp.array([0.1, 0.37, 0.9, 1.2, 1.5])
-SAVEATS = {
-    "t1": diffrax.SaveAt(t1=True),
-    "ts": diffrax.SaveAt(ts=TS),
-    "steps": diffrax.SaveAt(steps=True),
-}
-
-
-def pid(rtol: float) -> diffrax.PIDController:
-    """A PID controller; the tolerances of the tests give 10 to 30 steps."""
-    return diffrax.PIDController(rtol=rtol, atol=1e-2 * rtol)
-
-
-class Field(eqx.Module):
-    """A small neural vector field with a scalar rate in `args`."""
-
-    mlp: eqx.nn.MLP
-
-    def __call__(self, t, y, args):
-        return jnp.tanh(self.mlp(y)) * jnp.cos(t) - args * y
-
-
-MLP = eqx.nn.MLP(2, 2, 4, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
-PARAMS, STATIC = eqx.partition(
-    (jnp.array([0.6, -0.4]), jnp.array(0.5), MLP), eqx.is_inexact_array
-)
-# A tangent in y0, args and every parameter of the vector field.
-TANGENT = jax.tree_util.tree_map(
-    lambda x, k: jr.normal(k, x.shape, x.dtype),
-    PARAMS,
-    jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(PARAMS),
-        list(jr.split(jr.PRNGKey(1), len(jax.tree_util.tree_leaves(PARAMS)))),
-    ),
-)
-
-
-def ode_loss(params, adjoint, solver, controller, saveat, max_steps=48):
-    y0, a, mlp = eqx.combine(params, STATIC)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(Field(mlp)),
-        solver,
-        0.0,
-        1.5,
-        0.1,
-        y0,
-        args=a,
-        saveat=saveat,
-        stepsize_controller=controller,
-        adjoint=adjoint,
-        max_steps=max_steps,
-    )
-    assert sol.ys is not None
-    # Unused `steps` slots hold inf; they are not part of the loss.
-    return jnp.sum(jnp.where(jnp.isfinite(sol.ys), jnp.sin(sol.ys) ** 2, 0.0))
-
-
-def hvp(loss, params, tangent, adjoint, *args):
-    """The gradient of `loss` at `params` and its derivative along `tangent`."""
-    grad = jax.grad(lambda p: loss(p, adjoint, *args))
-    return jax.jit(lambda p, v: jax.jvp(grad, (p,), (v,)))(params, tangent)
 
 
 def check_hvp(loss, params, tangent, *args, adjoint=REV):
@@ -136,30 +85,6 @@ def test_hvp_checkpoint_every():
     )
 
 
-def sde_loss(params, adjoint, solver):
-    y0, a = params
-    # Heun and ReversibleHeun need only Brownian increments; the unsafe_rbg key is
-    # cheaper to compile than the default threefry (the tree's evaluations dominate
-    # the compile time).
-    bm = diffrax.VirtualBrownianTree(
-        0.0, 1.0, tol=1e-3, shape=(2,), key=jr.key(2, impl="unsafe_rbg"),
-        levy_area=diffrax.BrownianIncrement,
-    )  # fmt: skip
-
-    def diffusion(t, y, a):
-        return lx.DiagonalLinearOperator(0.3 * jnp.sin(a * y))
-
-    terms = diffrax.MultiTerm(
-        diffrax.ODETerm(lambda t, y, a: -a * y**3), diffrax.ControlTerm(diffusion, bm)
-    )
-    sol = diffrax.diffeqsolve(
-        terms, solver, 0.0, 1.0, 0.1, y0, args=a, adjoint=adjoint,
-        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, 4)), max_steps=16,
-    )  # fmt: skip
-    assert sol.ys is not None
-    return jnp.sum(jnp.cos(sol.ys))
-
-
 @pytest.mark.parametrize(
     "solver",
     [revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()],
@@ -168,27 +93,16 @@ def sde_loss(params, adjoint, solver):
 def test_hvp_sde(solver):
     params = (jnp.array([0.8, -0.5]), jnp.array(0.7))
     tangent = (jnp.array([0.3, 1.0]), jnp.array(-0.6))
-    check_hvp(sde_loss, params, tangent, solver)
-
-
-def cde_loss(params, adjoint):
-    xs, a = params
-    ts = jnp.linspace(0.0, 1.0, xs.shape[0])
-    path = diffrax.LinearInterpolation(ts, xs)
-    term = diffrax.ControlTerm(lambda t, y, a: jnp.tanh(a * jnp.outer(y, y)), path)
-    sol = diffrax.diffeqsolve(
-        term, revdiffrax.Reversible(diffrax.Midpoint()), 0.0, 1.0, 0.1,
-        jnp.array([0.5, 1.0]), args=a, adjoint=adjoint, max_steps=16,
-    )  # fmt: skip
-    assert sol.ys is not None
-    return jnp.sum(sol.ys**2)
+    # The solvers need increments only: the cheaper Brownian motion to compile.
+    key = jr.key(2, impl="unsafe_rbg")
+    check_hvp(sde_loss, params, tangent, solver, diffrax.BrownianIncrement, key)
 
 
 def test_hvp_cde_data_and_args():
     ts = jnp.linspace(0.0, 1.0, 6)
     xs = jnp.stack([ts, jnp.sin(6 * ts)], -1)
     tangent = (jr.normal(jr.PRNGKey(3), xs.shape), jnp.array(1.0))
-    check_hvp(cde_loss, (xs, jnp.array(0.7)), tangent)
+    check_hvp(cde_loss, (xs, jnp.array(0.7)), tangent, SOLVERS["Reversible(Midpoint)"])
 
 
 def test_hvp_under_vmap():
