@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from experiments import coupled_oscillators, double_pendulum, white_dwarf
@@ -543,9 +544,23 @@ def test_newton_fit_quick(tmp_path):
 
     out = newton_fit.main(["--quick", "--out", str(tmp_path / "newton_fit.md")])
     rows = list(out["rows"].values())
-    newton_loss, adam_loss = rows[0][2], rows[2][2]
+    assert [name.split(" ")[0] for name in out["rows"]] == ["Newton-CG", "Adam,"]
+    newton_loss, adam_loss = rows[0][2], rows[1][2]
     assert newton_loss <= adam_loss
     assert out["hessian_error"] < 1e-9
     assert np.all(np.isfinite(out["std"])) and np.all(out["std"] > 0)
     assert rows[0][3] < out["direct_hvp_mib"]
     assert "Laplace" in (tmp_path / "newton_fit.md").read_text()
+
+
+def test_newton_fit_bfgs():
+    """The BFGS baseline of `experiments/newton_fit.py` (not run by `--quick`), on a
+    quadratic whose minimiser is known."""
+    from experiments import newton_fit
+
+    target = jnp.array([1.0, -2.0, 0.5])
+    x, iterations, value = newton_fit.bfgs(
+        lambda x: jnp.sum((x - target) ** 2), jnp.zeros(3), 20
+    )
+    assert float(jnp.max(jnp.abs(x - target))) < 1e-6 and value < 1e-10
+    assert 0 < iterations <= 20
