@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--out", default=None, help="write the report here")
     args = parser.parse_args(argv)
-    steps = 100 if args.quick else 1000
+    steps = 200 if args.quick else 1000
     adam_iters = 50 if args.quick else 1000
     max_iters = 15 if args.quick else 50
     bfgs_iters = 0 if args.quick else 200
