@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -198,7 +199,7 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         "kuramoto",
         f"Kuramoto-type network, batch {batch} x {oscillators} oscillators, learned "
         "frequencies, learned rank-8 coupling in O(oscillators), per-oscillator "
-        "correction MLP 2-16-1, Midpoint, dt = 0.05, Reversible coupling 0.98",
+        "correction MLP 2-16-1, Midpoint, dt = 0.05",
         Kuramoto(oscillators, 8, 16, key),
         theta0,
         0.05,
@@ -355,10 +356,23 @@ def reference_grad(work: Scaling, n: int, reversible: bool):
     return jax.block_until_ready(_grad_fn(loss)(p, y0))
 
 
+def _timed(checkpoints: int, n: int, max_recompute: int, max_work: float) -> bool:
+    """Whether to time RCA(checkpoints): at most `max_recompute` recomputations per
+    step, or a model cost of at most `max_work` base steps in all."""
+    r = recomputations(checkpoints, n)
+    return r <= max_recompute or n * model_cost(checkpoints, n) <= max_work
+
+
 def measure(
-    work: Scaling, n: int, dtype, repeats: int, max_recompute: int
+    work: Scaling,
+    n: int,
+    dtype,
+    repeats: int,
+    max_recompute: int,
+    max_work: float = 0.0,
 ) -> list[Row]:
-    """Memory of every adjoint; time and gradient error where `n` is timed."""
+    """Memory of every adjoint; time and gradient error where `n` is timed (RCA
+    only where `_timed`)."""
     timed = n <= work.time_max_n
     refs = {}
     if timed:
@@ -386,7 +400,7 @@ def measure(
         rows.append(row)
         if not timed:
             continue
-        if c is not None and recomputations(c, n) > max_recompute:
+        if c is not None and not _timed(c, n, max_recompute, max_work):
             row.note = f"not timed: r = {recomputations(c, n)}"
             continue
         grad = jax.block_until_ready(compiled(p, y0))
@@ -479,6 +493,21 @@ def measured_drift(work: Scaling, n: int, dtype, checkpoint_every) -> float:
     loss, p, y0 = work.loss(work.reversible(), adjoint, n, dtype)
     jax.block_until_ready(jax.jit(jax.grad(loss))(p, y0))
     return float(drifts[-1])
+
+
+def default_checks(work: Scaling, n: int, dtype) -> list[str]:
+    """The warnings of one gradient through the default
+    `ReversibleAdjoint(checkpoint_every="auto")` (its parasitic-mode and drift
+    checks on), as `"Category: message"`."""
+    import warnings
+
+    adjoint = revdiffrax.ReversibleAdjoint(checkpoint_every="auto")
+    loss, p, y0 = work.loss(work.reversible(), adjoint, n, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.block_until_ready(jax.jit(jax.grad(loss))(p, y0))
+        jax.effects_barrier()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def drift_law(work: Scaling, ns: Sequence[int]) -> list[str]:
@@ -640,6 +669,22 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def save_rows(rows: list[Row], path: str) -> None:
+    """The rows as JSON, so that runs of one workload can be plotted together."""
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+
+
+def plot_saved(paths: Sequence[str], png: str, title: str) -> list[Row]:
+    """One plot of the rows saved by several runs (`save_rows`)."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [Row(**r) for r in json.load(f)]
+    plot(rows, png, title)
+    return rows
+
+
 def machine() -> str:
     dev = jax.devices()[0]
     load = ""
@@ -659,6 +704,7 @@ def run(
     *,
     repeats: int,
     max_recompute: int,
+    max_work: float = 0.0,
     out: str,
     horizons: bool,
     overhead_n: int | None,
@@ -681,7 +727,8 @@ def run(
         "for RCA), by RCA with a checkpoint per step. Model cost: 8F per step for "
         "reversible, (4 + r)F for RCA(c), r the recomputations of binomial "
         "checkpointing. RCA rows with r above "
-        f"{max_recompute} are not timed (they take r times a forward solve).",
+        f"{max_recompute} are not timed (they take r times a forward solve) unless "
+        f"their model cost N (4 + r) is at most {max_work:g} base steps.",
         "",
     ]
     results: dict[str, Any] = {}
@@ -693,14 +740,19 @@ def run(
 
     for work in works if tables else []:
         all_rows: list[Row] = []
-        report += [f"## {work.name}", "", work.description + ".", ""]
+        report += [
+            f"## {work.name}",
+            "",
+            f"{work.description}; Reversible coupling {work.coupling:g}.",
+            "",
+        ]
         for dtype in work.dtypes:
             eps = float(np.finfo(dtype).eps)
             rows_dt: list[Row] = []
             speedups = []
             name = jnp.dtype(dtype).name
             for n in ns:
-                rows = measure(work, n, dtype, repeats, max_recompute)
+                rows = measure(work, n, dtype, repeats, max_recompute, max_work)
                 rows_dt += rows
                 # The rows so far, in case a later (longer) N does not finish.
                 with open(path + f".{work.name}.{name}.partial", "w") as f:
@@ -744,6 +796,7 @@ def run(
         plot(all_rows, png, work.name)
         report += [f"![{work.name}]({os.path.basename(png)})", ""]
         results[work.name] = all_rows
+        save_rows(all_rows, png[: -len(".png")] + ".json")
         write()
     if drift_ns:
         work = works[0]
@@ -783,6 +836,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--max-recompute", type=int, default=24, help="time RCA only up to this r"
     )
+    parser.add_argument(
+        "--max-work",
+        type=float,
+        default=0.0,
+        help="also time RCA whose model cost N (4 + r) is at most this many base steps",
+    )
     parser.add_argument("--no-horizons", action="store_true")
     parser.add_argument(
         "--dtype", default=None, help="only this dtype, e.g. float32 (default: all)"
@@ -797,6 +856,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--time-max-n", type=int, default=None, help="time only up to this N"
     )
+    parser.add_argument(
+        "--coupling",
+        type=float,
+        default=None,
+        help="the coupling of Reversible(base, coupling) for the selected workloads "
+        "(default: each workload's own; the Kuramoto network's is 0.98)",
+    )
     parser.add_argument("--out", default=None, help="output folder")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
@@ -809,6 +875,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.dtype:
         for w in works:
             w.dtypes = tuple(d for d in w.dtypes if jnp.dtype(d).name == args.dtype)
+    if args.coupling is not None:
+        if not 0 < args.coupling <= 1:
+            parser.error(f"--coupling must lie in (0, 1], got {args.coupling}")
+        for w in works:
+            w.coupling = args.coupling
     if args.time_max_n is not None:
         for w in works:
             w.time_max_n = min(w.time_max_n, args.time_max_n)
@@ -821,6 +892,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ns,
         repeats=1 if args.quick else args.repeats,
         max_recompute=args.max_recompute,
+        max_work=args.max_work,
         out=out,
         horizons=not args.no_horizons,
         overhead_n=(10 if args.quick else 1000) if extras else None,
