@@ -630,39 +630,77 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
+FAMILIES = [
+    REVERSIBLE,
+    "RCA(2)",
+    "RCA(4)",
+    "RCA(8)",
+    "RCA(16)",
+    "RCA(sqrt(2N))",
+    "RCA(N)",
+]
+
+
+def family(r: Row) -> str:
+    """The row's line in the plots: reversible, RCA(c) with a fixed c, RCA(sqrt(2N))
+    or RCA(N)."""
+    if r.checkpoints is None:
+        return REVERSIBLE
+    if r.checkpoints == r.n:
+        return "RCA(N)"
+    if r.checkpoints == math.floor(math.sqrt(2 * r.n)) and r.checkpoints not in (
+        2,
+        4,
+        8,
+        16,
+    ):
+        return "RCA(sqrt(2N))"
+    return r.label
+
+
 def plot(rows: list[Row], path: str, title: str) -> None:
+    """Log-log memory and time against N: a colour per adjoint, a line style per
+    dtype (float32 solid, float64 dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    def family(r: Row) -> str:
-        if r.checkpoints is None:
-            return r.label
-        if r.checkpoints == r.n:
-            return "RCA(N)"
-        if r.checkpoints == math.floor(math.sqrt(2 * r.n)) and r.checkpoints > 16:
-            return "RCA(sqrt(2N))"
-        return r.label
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for dtype in sorted({r.dtype for r in rows}):
-        groups: dict[str, list[Row]] = {}
-        for r in rows:
-            if r.dtype == dtype:
-                groups.setdefault(family(r), []).append(r)
-        for name, rs in groups.items():
-            style = "-" if dtype == "float32" else "--"
-            rs = sorted(rs, key=lambda r: r.n)
+    colours = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))  # pyright: ignore
+    styles = {"float32": "-", "float64": "--"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dtypes = sorted({r.dtype for r in rows})
+    for dtype in dtypes:
+        for name in FAMILIES:
+            rs = sorted(
+                (r for r in rows if r.dtype == dtype and family(r) == name),
+                key=lambda r: r.n,
+            )
             mem = [(r.n, r.temp_bytes / 2**20) for r in rs if r.temp_bytes]
             tim = [(r.n, r.time_s) for r in rs if r.time_s]
-            if mem:
-                axes[0].loglog(*zip(*mem), style, marker="o", label=f"{name} {dtype}")
-            if tim:
-                axes[1].loglog(*zip(*tim), style, marker="o", label=f"{name} {dtype}")
+            for ax, pts in ((axes[0], mem), (axes[1], tim)):
+                if pts:
+                    ax.loglog(
+                        *zip(*pts),
+                        styles.get(dtype, ":"),
+                        color=colours[name],
+                        marker="o" if name == REVERSIBLE else ".",
+                        linewidth=2.5 if name == REVERSIBLE else 1.2,
+                    )
     axes[0].set(xlabel="N (steps)", ylabel="compiled temp memory (MiB)")
-    axes[1].set(xlabel="N (steps)", ylabel="gradient time (s)")
-    axes[0].legend(fontsize=6)
+    axes[1].set(xlabel="N (steps)", ylabel="median gradient time (s)")
+    present = {family(r) for r in rows}
+    handles = [
+        Line2D([], [], color=colours[name], label=name)
+        for name in FAMILIES
+        if name in present
+    ] + [
+        Line2D([], [], color="k", linestyle=styles.get(d, ":"), label=d) for d in dtypes
+    ]
+    axes[1].legend(handles=handles, fontsize=7, loc="upper left")
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -854,7 +892,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "workload: with the tables, not at all, or alone",
     )
     parser.add_argument(
-        "--time-max-n", type=int, default=None, help="time only up to this N"
+        "--time-max-n",
+        type=int,
+        default=None,
+        help="time up to this N (default: 1e4 on a CPU)",
     )
     parser.add_argument(
         "--coupling",
@@ -882,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             w.coupling = args.coupling
     if args.time_max_n is not None:
         for w in works:
-            w.time_max_n = min(w.time_max_n, args.time_max_n)
+            w.time_max_n = args.time_max_n
     extras = args.extras != "none"
     out = args.out or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out, exist_ok=True)
