@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -78,7 +79,11 @@ class Kuramoto(eqx.Module):
     def __init__(self, n: int, rank: int, width: int, key: jax.Array):
         ks = jax.random.split(key, 5)
         self.omega = 0.5 * jax.random.normal(ks[0], (n,))
-        # Positive on average: a synchronising (not chaotic) network.
+        # Positive on average: the network partially synchronises (order parameter
+        # 0.37 -> 0.76 over 1e4 steps), but its drifting oscillators keep the flow
+        # sensitive: a perturbation of theta0 grows 488x in 1e3 steps, 6,190x in 1e4,
+        # and no float32 gradient (any adjoint) is within 1e-3 of float64 beyond 1e3
+        # steps (results/scaling.md).
         self.u = 1.0 + 0.5 * jax.random.normal(ks[1], (n, rank)) / math.sqrt(rank)
         self.v = (1.0 + 0.5 * jax.random.normal(ks[2], (n, rank))) / rank
         self.w1 = jax.random.normal(ks[3], (2, width)) / math.sqrt(2)
@@ -198,7 +203,7 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         "kuramoto",
         f"Kuramoto-type network, batch {batch} x {oscillators} oscillators, learned "
         "frequencies, learned rank-8 coupling in O(oscillators), per-oscillator "
-        "correction MLP 2-16-1, Midpoint, dt = 0.05, Reversible coupling 0.98",
+        "correction MLP 2-16-1, Midpoint, dt = 0.05",
         Kuramoto(oscillators, 8, 16, key),
         theta0,
         0.05,
@@ -206,7 +211,7 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         (jnp.float32,),
         _cos_loss,
         time_max_n,
-        # The network synchronises, i.e. contracts: the float32 drift without
+        # The network has decaying modes: the float32 drift without
         # checkpoints grew like e^(0.0144 per step) from 100 to 1,000 steps, and at
         # the default coupling 0.999 the parasitic mode grew (y and z 7% apart after
         # 1,000 steps, `ParasiticModeWarning`). A coupling of at most e^(-h rho)
@@ -214,6 +219,8 @@ def kuramoto(batch: int, oscillators: int, time_max_n: int) -> Scaling:
         # step) also covers the contraction's amplification. At 0.98 the "auto"
         # drift after 1,000 float32 steps was 4.9e-4 (14x the law; 1e5x at 0.999),
         # but y and z still ended 6% apart: the fastest decay exceeds the average.
+        # (0.985: k = 259, drift 5.5e-3; 0.97: k = 140, drift 2.6e-4, y and z 0.6%
+        # apart: more checkpoints, i.e. more memory.)
         coupling=0.98,
     )
 
@@ -355,10 +362,23 @@ def reference_grad(work: Scaling, n: int, reversible: bool):
     return jax.block_until_ready(_grad_fn(loss)(p, y0))
 
 
+def _timed(checkpoints: int, n: int, max_recompute: int, max_work: float) -> bool:
+    """Whether to time RCA(checkpoints): at most `max_recompute` recomputations per
+    step, or a model cost of at most `max_work` base steps in all."""
+    r = recomputations(checkpoints, n)
+    return r <= max_recompute or n * model_cost(checkpoints, n) <= max_work
+
+
 def measure(
-    work: Scaling, n: int, dtype, repeats: int, max_recompute: int
+    work: Scaling,
+    n: int,
+    dtype,
+    repeats: int,
+    max_recompute: int,
+    max_work: float = 0.0,
 ) -> list[Row]:
-    """Memory of every adjoint; time and gradient error where `n` is timed."""
+    """Memory of every adjoint; time and gradient error where `n` is timed (RCA
+    only where `_timed`)."""
     timed = n <= work.time_max_n
     refs = {}
     if timed:
@@ -386,7 +406,7 @@ def measure(
         rows.append(row)
         if not timed:
             continue
-        if c is not None and recomputations(c, n) > max_recompute:
+        if c is not None and not _timed(c, n, max_recompute, max_work):
             row.note = f"not timed: r = {recomputations(c, n)}"
             continue
         grad = jax.block_until_ready(compiled(p, y0))
@@ -479,6 +499,21 @@ def measured_drift(work: Scaling, n: int, dtype, checkpoint_every) -> float:
     loss, p, y0 = work.loss(work.reversible(), adjoint, n, dtype)
     jax.block_until_ready(jax.jit(jax.grad(loss))(p, y0))
     return float(drifts[-1])
+
+
+def default_checks(work: Scaling, n: int, dtype) -> list[str]:
+    """The warnings of one gradient through the default
+    `ReversibleAdjoint(checkpoint_every="auto")` (its parasitic-mode and drift
+    checks on), as `"Category: message"`."""
+    import warnings
+
+    adjoint = revdiffrax.ReversibleAdjoint(checkpoint_every="auto")
+    loss, p, y0 = work.loss(work.reversible(), adjoint, n, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.block_until_ready(jax.jit(jax.grad(loss))(p, y0))
+        jax.effects_barrier()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def drift_law(work: Scaling, ns: Sequence[int]) -> list[str]:
@@ -601,43 +636,97 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
+FAMILIES = [
+    REVERSIBLE,
+    "RCA(2)",
+    "RCA(4)",
+    "RCA(8)",
+    "RCA(16)",
+    "RCA(sqrt(2N))",
+    "RCA(N)",
+]
+
+
+def family(r: Row) -> str:
+    """The row's line in the plots: reversible, RCA(c) with a fixed c, RCA(sqrt(2N))
+    or RCA(N)."""
+    if r.checkpoints is None:
+        return REVERSIBLE
+    if r.checkpoints == r.n:
+        return "RCA(N)"
+    if r.checkpoints == math.floor(math.sqrt(2 * r.n)) and r.checkpoints not in (
+        2,
+        4,
+        8,
+        16,
+    ):
+        return "RCA(sqrt(2N))"
+    return r.label
+
+
 def plot(rows: list[Row], path: str, title: str) -> None:
+    """Log-log memory and time against N: a colour per adjoint, a line style per
+    dtype (float32 solid, float64 dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    def family(r: Row) -> str:
-        if r.checkpoints is None:
-            return r.label
-        if r.checkpoints == r.n:
-            return "RCA(N)"
-        if r.checkpoints == math.floor(math.sqrt(2 * r.n)) and r.checkpoints > 16:
-            return "RCA(sqrt(2N))"
-        return r.label
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for dtype in sorted({r.dtype for r in rows}):
-        groups: dict[str, list[Row]] = {}
-        for r in rows:
-            if r.dtype == dtype:
-                groups.setdefault(family(r), []).append(r)
-        for name, rs in groups.items():
-            style = "-" if dtype == "float32" else "--"
-            rs = sorted(rs, key=lambda r: r.n)
+    colours = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))  # pyright: ignore
+    styles = {"float32": "-", "float64": "--"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dtypes = sorted({r.dtype for r in rows})
+    for dtype in dtypes:
+        for name in FAMILIES:
+            rs = sorted(
+                (r for r in rows if r.dtype == dtype and family(r) == name),
+                key=lambda r: r.n,
+            )
             mem = [(r.n, r.temp_bytes / 2**20) for r in rs if r.temp_bytes]
             tim = [(r.n, r.time_s) for r in rs if r.time_s]
-            if mem:
-                axes[0].loglog(*zip(*mem), style, marker="o", label=f"{name} {dtype}")
-            if tim:
-                axes[1].loglog(*zip(*tim), style, marker="o", label=f"{name} {dtype}")
+            for ax, pts in ((axes[0], mem), (axes[1], tim)):
+                if pts:
+                    ax.loglog(
+                        *zip(*pts),
+                        styles.get(dtype, ":"),
+                        color=colours[name],
+                        marker="o" if name == REVERSIBLE else ".",
+                        linewidth=2.5 if name == REVERSIBLE else 1.2,
+                    )
     axes[0].set(xlabel="N (steps)", ylabel="compiled temp memory (MiB)")
-    axes[1].set(xlabel="N (steps)", ylabel="gradient time (s)")
-    axes[0].legend(fontsize=6)
+    axes[1].set(xlabel="N (steps)", ylabel="median gradient time (s)")
+    present = {family(r) for r in rows}
+    handles = [
+        Line2D([], [], color=colours[name], label=name)
+        for name in FAMILIES
+        if name in present
+    ] + [
+        Line2D([], [], color="k", linestyle=styles.get(d, ":"), label=d) for d in dtypes
+    ]
+    axes[1].legend(handles=handles, fontsize=7, loc="upper left")
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_rows(rows: list[Row], path: str) -> None:
+    """The rows as JSON, so that runs of one workload can be plotted together."""
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+
+
+def plot_saved(paths: Sequence[str], png: str, title: str) -> list[Row]:
+    """One plot of the rows saved by several runs (`save_rows`)."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [Row(**r) for r in json.load(f)]
+    plot(rows, png, title)
+    return rows
 
 
 def machine() -> str:
@@ -659,6 +748,7 @@ def run(
     *,
     repeats: int,
     max_recompute: int,
+    max_work: float = 0.0,
     out: str,
     horizons: bool,
     overhead_n: int | None,
@@ -681,7 +771,8 @@ def run(
         "for RCA), by RCA with a checkpoint per step. Model cost: 8F per step for "
         "reversible, (4 + r)F for RCA(c), r the recomputations of binomial "
         "checkpointing. RCA rows with r above "
-        f"{max_recompute} are not timed (they take r times a forward solve).",
+        f"{max_recompute} are not timed (they take r times a forward solve) unless "
+        f"their model cost N (4 + r) is at most {max_work:g} base steps.",
         "",
     ]
     results: dict[str, Any] = {}
@@ -693,14 +784,19 @@ def run(
 
     for work in works if tables else []:
         all_rows: list[Row] = []
-        report += [f"## {work.name}", "", work.description + ".", ""]
+        report += [
+            f"## {work.name}",
+            "",
+            f"{work.description}; Reversible coupling {work.coupling:g}.",
+            "",
+        ]
         for dtype in work.dtypes:
             eps = float(np.finfo(dtype).eps)
             rows_dt: list[Row] = []
             speedups = []
             name = jnp.dtype(dtype).name
             for n in ns:
-                rows = measure(work, n, dtype, repeats, max_recompute)
+                rows = measure(work, n, dtype, repeats, max_recompute, max_work)
                 rows_dt += rows
                 # The rows so far, in case a later (longer) N does not finish.
                 with open(path + f".{work.name}.{name}.partial", "w") as f:
@@ -744,6 +840,7 @@ def run(
         plot(all_rows, png, work.name)
         report += [f"![{work.name}]({os.path.basename(png)})", ""]
         results[work.name] = all_rows
+        save_rows(all_rows, png[: -len(".png")] + ".json")
         write()
     if drift_ns:
         work = works[0]
@@ -783,6 +880,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--max-recompute", type=int, default=24, help="time RCA only up to this r"
     )
+    parser.add_argument(
+        "--max-work",
+        type=float,
+        default=0.0,
+        help="also time RCA whose model cost N (4 + r) is at most this many base steps",
+    )
     parser.add_argument("--no-horizons", action="store_true")
     parser.add_argument(
         "--dtype", default=None, help="only this dtype, e.g. float32 (default: all)"
@@ -795,7 +898,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "workload: with the tables, not at all, or alone",
     )
     parser.add_argument(
-        "--time-max-n", type=int, default=None, help="time only up to this N"
+        "--time-max-n",
+        type=int,
+        default=None,
+        help="time up to this N (default: 1e4 on a CPU)",
+    )
+    parser.add_argument(
+        "--coupling",
+        type=float,
+        default=None,
+        help="the coupling of Reversible(base, coupling) for the selected workloads "
+        "(default: each workload's own; the Kuramoto network's is 0.98)",
     )
     parser.add_argument("--out", default=None, help="output folder")
     args = parser.parse_args(argv)
@@ -809,9 +922,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.dtype:
         for w in works:
             w.dtypes = tuple(d for d in w.dtypes if jnp.dtype(d).name == args.dtype)
+    if args.coupling is not None:
+        if not 0 < args.coupling <= 1:
+            parser.error(f"--coupling must lie in (0, 1], got {args.coupling}")
+        for w in works:
+            w.coupling = args.coupling
     if args.time_max_n is not None:
         for w in works:
-            w.time_max_n = min(w.time_max_n, args.time_max_n)
+            w.time_max_n = args.time_max_n
     extras = args.extras != "none"
     out = args.out or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out, exist_ok=True)
@@ -821,6 +939,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ns,
         repeats=1 if args.quick else args.repeats,
         max_recompute=args.max_recompute,
+        max_work=args.max_work,
         out=out,
         horizons=not args.no_horizons,
         overhead_n=(10 if args.quick else 1000) if extras else None,

@@ -73,6 +73,11 @@ def test_scaling_cost_model_and_choice():
     assert scaling.recomputations(8, 10_000) == 8
     assert scaling.recomputations(100, 100) == 0
     assert scaling.rca_counts(100) == [2, 4, 8, 14, 16, 100]
+    # RCA is timed up to r recomputations per step, or up to a total model cost.
+    assert scaling._timed(4, 10_000, max_recompute=20, max_work=0)
+    assert not scaling._timed(2, 1000, max_recompute=20, max_work=0)  # r = 44
+    assert scaling._timed(2, 1000, max_recompute=20, max_work=5e4)  # 48F x 1e3
+    assert not scaling._timed(2, 10_000, max_recompute=20, max_work=5e4)
     rev = scaling.Row("w", "float32", 100, "rev", None, 1000, time_s=1.0)
     rev.grad_error = 1e-6
     rows = [
