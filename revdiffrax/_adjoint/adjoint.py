@@ -189,6 +189,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     parasitic_tol: float | Literal["auto"] | None = eqx.field(
         default="auto", static=True
     )
+    step_times: Literal["auto", "record", "recompute"] = eqx.field(
+        default="auto", static=True
+    )
 
     def __check_init__(self):
         tol = self.drift_tol
@@ -208,6 +211,13 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 '`parasitic_tol` must be a number (raise an error above it), "auto" '
                 "(the default: warn above 1e-3) or None (no check), got "
                 f"{tol!r}."
+            )
+        if self.step_times not in ("auto", "record", "recompute"):
+            raise ValueError(
+                '`step_times` must be "auto" (the default), "record" (store every '
+                'accepted step time of an adaptive solve) or "recompute" (re-run '
+                "the forward solve in segments on the backward pass), got "
+                f"{self.step_times!r}."
             )
         k = self.checkpoint_every
         if (
