@@ -317,7 +317,9 @@ class Rerun(eqx.Module):
         self, n: Int[Array, ""], segment: Segment, drift: Float[Array, ""]
     ) -> tuple[Segment, Float[Array, ""]]:
         """Before undoing step n - 1: load its segment if it is not `segment`."""
-        need = n - 1 < segment.start
+        # (Under `jax.vmap`, a sample that is done, n = 0, keeps going with the
+        # others, and must not re-run anything.)
+        need = (n > 0) & (n - 1 < segment.start)
         k = self.every
 
         def load(operands):
