@@ -231,7 +231,10 @@ def test_mismatched_rerun_is_reported(monkeypatch):
     monkeypatch.setattr(rerun.Rerun, "_restart_state", perturbed)
     drifts = []
     adjoint = revdiffrax.ReversibleAdjoint(
-        step_times="recompute", drift_tol=None, drift_callback=drifts.append
+        step_times="recompute",
+        checkpoint_every=7,  # (the last segment's times are recorded, not re-run)
+        drift_tol=None,
+        drift_callback=drifts.append,
     )
     solver = revdiffrax.Reversible(diffrax.Tsit5())
     jax.block_until_ready(_grad(adjoint, solver, SAVEATS["t1"], Y0, ARGS))

@@ -381,13 +381,14 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     (under `jax.vmap`, per sample), allocated up front. `"recompute"`: the forward
     pass stores, every k accepted steps, what diffrax's loop needs to restart
     there (the state, the solver and controller states, the times and step
-    counts), and the backward pass re-runs each segment of k steps forward with
-    diffrax's own loop before reversing it, restarting the reconstruction from
-    the stored state as `checkpoint_every=k` does. It stores
-    `(max_steps // k) c + k` scalars, c those of one restart point, against
-    `max_steps`; k is `checkpoint_every` if set, else
-    $\lceil\sqrt{\text{max\_steps}\, c}\rceil$ (which minimises it), and it
-    costs one more forward solve (with its rejected steps) in the backward pass.
+    counts) and the times of the last k steps, and the backward pass re-runs each
+    segment of k steps but the last forward with diffrax's own loop before
+    reversing it, restarting the reconstruction from the stored state as
+    `checkpoint_every=k` does. It stores `(max_steps // k) c + 2k` scalars, c
+    those of one restart point, against `max_steps`; k is `checkpoint_every` if
+    set, else $\lceil\sqrt{\text{max\_steps}\, c}\rceil$ (about minimal), and
+    it costs a forward solve of all but the last segment (with their rejected
+    steps) in the backward pass: nothing for a solve of at most k steps.
     Each re-run must reproduce the forward's steps (their count and the sum of
     their times); a difference joins the drift that `drift_tol` checks. Not with
     an `event`, `jump_ts`, a continued solve (a passed solver or controller

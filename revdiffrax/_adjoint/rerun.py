@@ -1,22 +1,25 @@
 r"""`step_times="recompute"`: the accepted step times of an adaptive solve,
 recomputed on the backward pass instead of recorded on the forward pass.
 
-A step size controller like `PIDController` cannot be run backwards, so by default
-the forward pass records every accepted step time, in a buffer of `max_steps`
-slots (per solve: under `jax.vmap`, per sample). Instead, the forward pass can
-store, every k accepted steps, what diffrax's loop needs to restart there: the
-state `(y, solver_state)` (the checkpoints of `checkpoint_every=k`, `checkpoints.py`)
-and the rest of diffrax's loop state that moves, `(controller_state, tprev, tnext,
-num_steps, num_rejected_steps)`, plus the start of the step before. The backward
-pass reverses the solve one segment of k steps at a time: on entering a segment it
-re-runs it forward from its restart point with diffrax's own loop, recording only
-its k step times, then reconstructs and pulls back through its steps as usual,
+A step size controller like `PIDController` cannot be run backwards, so with
+`step_times="record"` the forward pass records every accepted step time, in a
+buffer of `max_steps` slots (per solve: under `jax.vmap`, per sample). Instead,
+the forward pass can store, every k accepted steps, what diffrax's loop needs to
+restart there: the state `(y, solver_state)` (the checkpoints of
+`checkpoint_every=k`, `checkpoints.py`) and the rest of diffrax's loop state that
+moves, `(controller_state, tprev, tnext, num_steps, num_rejected_steps)`, plus the
+start of the step before; and the times of the last k accepted steps (t_n in slot
+(n - 1) mod k). The backward pass reverses the solve one segment of k steps at a
+time: the last segment with those times, every earlier one after re-running it
+forward from its restart point with diffrax's own loop, recording only its k step
+times. It reconstructs and pulls back through the steps of a segment as usual,
 restarting the reconstruction from the checkpoint at the segment's end.
 
-Memory per solve: `max_steps // k` restart points of $c$ scalars each, plus k
+Memory per solve: `max_steps // k` restart points of $c$ scalars each, plus 2k
 times, against `max_steps` times; k = $\lceil\sqrt{\text{max\_steps}\, c}\rceil$
-minimises it to about $2\sqrt{\text{max\_steps}\, c}$. Cost: one more forward
-solve (with its rejected steps) in the backward pass.
+(about $2\sqrt{\text{max\_steps}\, c}$ in all). Cost: a forward solve of all
+but the last segment (with their rejected steps) in the backward pass: none when a
+solve takes at most k steps, as one does with a `max_steps` far above its needs.
 
 The re-run is compiled apart from the forward solve, and in a borderline case its
 error estimates, equal up to rounding, could accept a step the forward rejected.
@@ -110,7 +113,7 @@ def recompute_every(
     if every is None:
         restart += _size((init_state.y, init_state.solver_state))
         every = max(1, min(max_steps, math.ceil(math.sqrt(max_steps * restart))))
-    stored = (max_steps // every) * restart + every + 2
+    stored = (max_steps // every) * restart + 2 * every + 2
     if mode == "auto" and stored >= max_steps:
         return None
     return every
@@ -130,6 +133,9 @@ class RestartRecord(eqx.Module):
     before: Float[Array, " count"]
     sums: Float[Array, " count"]
     running: Float[Array, ""]  # the sum of the times since the last restart point
+    # The times of the last segment: t_n in slot (n - 1) mod k, so that it needs
+    # no re-run (nor, with a single segment, does any).
+    last: Float[Array, " k"]
     every: int = eqx.field(static=True)  # k
     max_steps: int = eqx.field(static=True)
 
@@ -141,7 +147,8 @@ class RestartRecord(eqx.Module):
         fields = [jnp.zeros((count,) + x.shape, x.dtype) for x in leaves]
         dtype = jnp.result_type(init_state.tprev)
         zeros = jnp.zeros(count, dtype)
-        return cls(fields, zeros, zeros, jnp.zeros((), dtype), every, max_steps)
+        last = jnp.zeros(every, dtype)
+        return cls(fields, zeros, zeros, jnp.zeros((), dtype), last, every, max_steps)
 
     def write(self, state, new_state) -> "RestartRecord":
         """After one iteration of diffrax's loop (as `write_checkpoint`)."""
@@ -150,7 +157,12 @@ class RestartRecord(eqx.Module):
         accepted = n > state.num_accepted_steps
         dtype = self.before.dtype
         t = jnp.where(accepted, new_state.tprev, 0).astype(dtype)
-        record = eqx.tree_at(lambda r: r.running, self, self.running + t)
+        # Out of range (so dropped) unless the step was accepted.
+        slot = jnp.where(accepted, (n - 1) % every, every)
+        last = self.last.at[slot].set(new_state.tprev.astype(dtype), mode="drop")
+        record = eqx.tree_at(
+            lambda r: (r.running, r.last), self, (self.running + t, last)
+        )
         index = jnp.clip(n // every - 1, 0, self.before.shape[0] - 1)
         leaves = jtu.tree_leaves(_restart_fields(new_state))
 
@@ -308,10 +320,17 @@ class Rerun(eqx.Module):
         return jnp.where(same_count, error, jnp.inf)
 
     def last(self) -> tuple[Segment, Float[Array, ""]]:
-        """The segment holding the last step, and its mismatch."""
+        """The segment holding the last step, recorded by the forward pass (no
+        mismatch)."""
         n = self.num_steps
         a = jnp.where(n > 0, ((n - 1) // self.every) * self.every, 0)
-        return self.load(a, n)
+        state, before = self._restart_state(a)
+        dtype = self.restarts.before.dtype
+        times = jnp.concatenate(
+            [jnp.stack([before, state.tprev]).astype(dtype), self.restarts.last]
+        )
+        segment = Segment(jnp.asarray(a, jnp.int32), lax.stop_gradient(times))
+        return segment, jnp.zeros((), dtype)
 
     def enter(
         self, n: Int[Array, ""], segment: Segment, drift: Float[Array, ""]
