@@ -11,14 +11,18 @@ For each workload: the compiled temp memory of one training-step gradient
 - `Reversible()`: `revdiffrax.ReversibleAdjoint()` through `Reversible(base)`,
 - `Reversible(sp=False)`: the same with `Reversible(base, stage_pullback=False)`
   (the whole-step pullback, which the default chose under `vmap` before issue 22);
+- for an adaptive controller, `Reversible(record)`: `ReversibleAdjoint(
+  step_times="record")`, which records the accepted step times (`max_steps` slots
+  per sample) where the default recomputes them on the backward pass;
 - for the SDE GAN, whose base `diffrax.ReversibleHeun` is reversible itself:
   `Reversible()` is `ReversibleAdjoint()` through `revdiffrax.ReversibleHeun()`,
   and `Reversible(Heun())` (through `revdiffrax.Reversible(diffrax.Heun())`) is
   compared with `RCA() through Heun()`;
 
-then the median time of `RCA()` and `Reversible()`, interleaved (A, B, A, B, ...)
-after a warm-up, their ratio, and for adaptive workloads the mean number of steps
-per sample (`sol.stats["num_steps"]`) of the base solver and of `Reversible(base)`.
+then the median time of `RCA()`, `Reversible()` (and `Reversible(record)`),
+interleaved (A, B, A, B, ...) after a warm-up, their ratio, and for adaptive
+workloads the mean number of steps per sample (`sol.stats["num_steps"]`) of the
+base solver and of `Reversible(base)`.
 
     python -m benchmarks.vmap_parity --repeats 7
     python -m benchmarks.vmap_parity --only sde --repeats 5
@@ -73,10 +77,17 @@ def variants(work: Workload) -> dict:
         revdiffrax.Reversible(base, stage_pullback=False),
         revdiffrax.ReversibleAdjoint(),
     )
+    if "PID" in work.name:
+        # An adaptive controller: the default recomputes the step times on the
+        # backward pass; this row records them (the default before).
+        out["Reversible(record)"] = (
+            revdiffrax.Reversible(base),
+            revdiffrax.ReversibleAdjoint(step_times="record"),
+        )
     return out
 
 
-TIMED = ("RCA()", "Reversible()")
+TIMED = ("RCA()", "Reversible()", "Reversible(record)")
 # The memory reference of a row where it is not `RCA()` through the base.
 REFERENCE = {"Reversible(Heun())": "RCA() through Heun()"}
 

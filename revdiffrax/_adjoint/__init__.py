@@ -9,6 +9,8 @@ One concern per module:
 - `forward`: the forward solve, recording step times (and checkpoints);
 - `step_times`: the recorded times and their dependence on `(t0, t1, dt0)`;
 - `checkpoints`: `checkpoint_every`: writing and restoring stored states;
+- `rerun`: `step_times="recompute"`: restart points of an adaptive solve, and the
+  re-run of its segments on the backward pass;
 - `saveat`: the layout of `SaveAt` outputs;
 - `cotangents`: cotangents of the saved outputs and of the inputs;
 - `backward`: the backward driver, one reverse step at a time (the step itself is

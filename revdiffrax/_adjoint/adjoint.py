@@ -103,13 +103,17 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     reconstructing the forward solve backwards in time with an algebraically
     reversible solver.
 
-    The forward pass keeps only the final state and the accepted step times (one
-    scalar per step, in a buffer of length `max_steps`). The backward pass rebuilds
+    The forward pass keeps only the final state and what places the accepted step
+    times: with constant steps or `StepTo` nothing (they are recomputed), with an
+    adaptive controller either the times themselves (one scalar per step, in a
+    buffer of length `max_steps`) or restart points from which the backward pass
+    re-runs the controller (`step_times`). The backward pass rebuilds
     each earlier state from the later one with the solver's `backward_step` and
     pulls the cotangents back through that step. The gradient is the exact gradient
     of the discrete solve (as from
     [`diffrax.RecursiveCheckpointAdjoint`](https://docs.kidger.site/diffrax/api/adjoints/#diffrax.RecursiveCheckpointAdjoint))
-    up to floating point, in O(1) memory (plus the step-time buffer) and O(N) time.
+    up to floating point, in O(1) memory (plus what places the step times) and O(N)
+    time.
 
     For [`revdiffrax.Reversible`][] the reconstruction and the vector-Jacobian
     products share their base-solver evaluations: with cotangents
@@ -189,6 +193,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     parasitic_tol: float | Literal["auto"] | None = eqx.field(
         default="auto", static=True
     )
+    step_times: Literal["auto", "record", "recompute"] = eqx.field(
+        default="auto", static=True
+    )
 
     def __check_init__(self):
         tol = self.drift_tol
@@ -208,6 +215,13 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 '`parasitic_tol` must be a number (raise an error above it), "auto" '
                 "(the default: warn above 1e-3) or None (no check), got "
                 f"{tol!r}."
+            )
+        if self.step_times not in ("auto", "record", "recompute"):
+            raise ValueError(
+                '`step_times` must be "auto" (the default), "record" (store every '
+                'accepted step time of an adaptive solve) or "recompute" (re-run '
+                "the forward solve in segments on the backward pass), got "
+                f"{self.step_times!r}."
             )
         k = self.checkpoint_every
         if (
@@ -361,6 +375,29 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     the drift check on (or measure k with
     [`revdiffrax.choose_checkpoint_every`][]). See
     [the horizon law][the-horizon-law].
+- `step_times`: how the backward pass gets the accepted step times of an adaptive
+    step size controller (e.g. `PIDController`), which cannot be run backwards.
+    `"record"`: the forward pass records them, `max_steps` slots per solve
+    (under `jax.vmap`, per sample), allocated up front. `"recompute"`: the forward
+    pass stores, every k accepted steps, what diffrax's loop needs to restart
+    there (the state, the solver and controller states, the times and step
+    counts) and the times of the last k steps, and the backward pass re-runs each
+    segment of k steps but the last forward with diffrax's own loop before
+    reversing it, restarting the reconstruction from the stored state as
+    `checkpoint_every=k` does. It stores `(max_steps // k) c + 2k` scalars, c
+    those of one restart point, against `max_steps`; k is `checkpoint_every` if
+    set, else $\lceil\sqrt{\text{max\_steps}\, c}\rceil$ (about minimal), and
+    it costs a forward solve of all but the last segment (with their rejected
+    steps) in the backward pass: nothing for a solve of at most k steps.
+    Each re-run must reproduce the forward's steps (their count and the sum of
+    their times); a difference joins the drift that `drift_tol` checks. Not with
+    an `event`, `jump_ts`, a continued solve (a passed solver or controller
+    state), inside `jax.shard_map`, or when `t0`, `t1` or `dt0` are
+    differentiated: there it raises an error. `"auto"` (default): `"recompute"`
+    where it is possible and stores less than the record, else `"record"`. Under
+    `jax.vmap` a sample whose segment ends re-runs while the others wait, so
+    samples with very different step counts over several segments pay more than
+    one forward solve. Constant steps and `StepTo` record nothing either way.
 - `parasitic_tol`: what to do with the relative distance
     $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ (over the components measured, see
     `drift_tol`) between the two states of a two-state solver

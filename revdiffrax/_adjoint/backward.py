@@ -1,6 +1,8 @@
 """The backward driver: rebuild the solve from its last state, one step at a time,
 pulling the cotangents back through each step as it is rebuilt."""
 
+import dataclasses
+
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ from .drift import relative_drift, report_drift
 from .events import add_saved_times, is_real, maybe_event_pullback
 from .forward import DiffInputs, Residuals
 from .jumps import jump_at
+from .rerun import Rerun, Segment
 from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import clip_floor, controller_kind, StepTimes
 
@@ -44,6 +47,8 @@ class _Carry(eqx.Module):
     grads: InputCotangents  # of (terms, args, t0, t1, dt0, ts), so far
     ts_left: list[Int[Array, ""]]  # per `SubSaveAt(ts)`: outputs not yet pulled back
     drift: Float[Array, ""]  # the largest reconstruction drift seen so far
+    # With `step_times="recompute"`: the times of the segment holding step n - 1.
+    segment: Segment | None = None
 
 
 class _Backward(eqx.Module):
@@ -61,10 +66,27 @@ class _Backward(eqx.Module):
     event_real: tuple[bool, ...] = eqx.field(default=(), static=True)
     # The leaves of the state whose drift is measured (`measured.py`; None: all).
     measured: tuple[bool, ...] | None = eqx.field(default=None, static=True)
+    # With `step_times="recompute"` (`rerun.py`): re-runs the forward segments.
+    rerun: Rerun | None = None
+
+    def at_segment(self, segment: Segment | None) -> "_Backward":
+        """This backward pass, reading the step times of `segment` (if any)."""
+        if segment is None:
+            return self
+        times = self.times.on_segment(segment.start, segment.times)
+        return eqx.tree_at(lambda b: b.times, self, times)
 
     def reverse_step(self, carry: _Carry, stand_in: KnownStart | None = None) -> _Carry:
         """Undo step m = n - 1 and pull the cotangents back through it (with
-        `stand_in` in place of the solver, on the first step of a continued solve)."""
+        `stand_in` in place of the solver, on the first step of a continued solve),
+        first re-running its segment of the forward solve if it is not loaded."""
+        if self.rerun is None or carry.segment is None:
+            return self._reverse_step(carry, stand_in)
+        segment, drift = self.rerun.enter(carry.n, carry.segment, carry.drift)
+        carry = dataclasses.replace(carry, segment=segment, drift=drift)
+        return self.at_segment(segment)._reverse_step(carry, stand_in)
+
+    def _reverse_step(self, carry: _Carry, stand_in: KnownStart | None) -> _Carry:
         inputs, times = self.inputs, self.times
         n, m = carry.n, carry.n - 1
         y1, state1, drift = carry.y, carry.solver_state, carry.drift
@@ -108,6 +130,7 @@ class _Backward(eqx.Module):
             grads=grads,
             ts_left=ts_left,
             drift=drift,
+            segment=carry.segment,
         )
 
     def pull_back_step(self, carry: _Carry, stand_in: KnownStart | None):
@@ -298,11 +321,18 @@ class _Backward(eqx.Module):
 def _run(bwd: _Backward, solver_state_bar: PyTree) -> _Carry:
     """The backward loop, from step N down to step 0."""
     continued = bwd.inputs.solver_state0 is not None
+    if bwd.rerun is None:
+        carry = bwd.initial_carry(solver_state_bar)
+    else:
+        segment, mismatch = bwd.rerun.last()
+        carry = bwd.at_segment(segment).initial_carry(solver_state_bar)
+        drift = jnp.maximum(carry.drift, mismatch.astype(carry.drift.dtype))
+        carry = dataclasses.replace(carry, segment=segment, drift=drift)
     # A lambda, not the bound method: `lax.while_loop` hashes its body function.
     carry = varying_while_loop(
         lambda c: c.n > (1 if continued else 0),
         lambda c: bwd.reverse_step(c),
-        bwd.initial_carry(solver_state_bar),
+        carry,
     )
     if continued:
         carry = lax.cond(
@@ -329,6 +359,23 @@ def _step_times(inputs: DiffInputs, residuals: Residuals, controller) -> StepTim
         jump_ends=None if jumps is None else jumps.ends,
         time_coefficients=residuals.time_coefficients,
         may_stop_early=residuals.event is not None,
+    )
+
+
+def _rerun(inputs, residuals, restarts, solver, controller, init_state) -> Rerun:
+    return Rerun(
+        solver=solver,
+        controller=controller,
+        terms=inputs.terms,
+        args=inputs.args,
+        t0=inputs.t0,
+        t1=inputs.t1,
+        dt0=inputs.dt0,
+        y0=inputs.y0,
+        init_state=init_state,
+        checkpoints=residuals.checkpoints,
+        restarts=restarts,
+        num_steps=residuals.num_steps,
     )
 
 
@@ -370,6 +417,7 @@ def backward(
     # the steps otherwise matters for SDEs, whose Brownian motion refuses tangents
     # on its evaluation times (as it does under `RecursiveCheckpointAdjoint`).
     diff_times = any(jtu.tree_leaves((perturbed.t0, perturbed.t1, perturbed.dt0)))
+    restarts = residuals.restarts
     bwd = _Backward(
         solver=solver,
         inputs=inputs,
@@ -388,13 +436,22 @@ def backward(
         ),
         residuals=residuals,
         made_jump0=init_state.made_jump,
-        checkpoint_every=adjoint.checkpoint_every,
+        checkpoint_every=adjoint.checkpoint_every
+        if restarts is None
+        else restarts.every,
         diff_times=diff_times,
         measured=measured,
+        rerun=None
+        if restarts is None
+        else _rerun(
+            inputs, residuals, restarts, solver, stepsize_controller, init_state
+        ),
         **_event_fields(residuals, inputs),
     )
     final_bar = None if grad_final_state is None else grad_final_state.solver_state
     carry = _run(bwd, final_bar)
+    bwd = bwd.at_segment(carry.segment)
+    times = bwd.times
     y_bar, grads = bwd.outputs.at_start(
         times, inputs.y0, inputs.args, carry.ts_left, carry.y_bar, carry.grads
     )

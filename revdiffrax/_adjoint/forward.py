@@ -24,6 +24,7 @@ from .cotangents import save_states
 from .events import EventRecord, with_cond_fns
 from .jumps import empty_jump_records, JumpRecords, record_jump
 from .parasitic import auto_parasitic_threshold, check_parasitic, parasitic_offset
+from .rerun import recompute_every, RestartRecord
 from .saveat import replace_fns, replace_ts, subsaveats
 from .step_times import first_end, needs_recording, StepClips, TimeCoefficients
 
@@ -67,6 +68,8 @@ class Residuals(eqx.Module):
     # are differentiated under an adaptive controller.
     time_coefficients: Float[Array, "max_steps 3"] | None = None
     event: EventRecord | None = None  # with `event=...` (`events.py`)
+    # With `step_times="recompute"` (`rerun.py`), in place of `step_times`.
+    restarts: RestartRecord | None = None
 
 
 def _record_nothing(t, y, args):
@@ -138,10 +141,12 @@ def _outer_loop(
     out: dict,
     axes: frozenset,
     times: tuple | None = None,
+    restarts: bool = False,
 ):
-    """diffrax's outer loop, recording checkpoints (every `every` accepted steps),
-    the solver states discarded by jumps and (given `times`: `(t1, clips, first)`)
-    the dependence of the step times on `(t0, t1, dt0)`, into `out`."""
+    """diffrax's outer loop, recording checkpoints (every `every` accepted steps;
+    with `restarts`, also the rest of the loop state: `rerun.py`), the solver
+    states discarded by jumps and (given `times`: `(t1, clips, first)`) the
+    dependence of the step times on `(t0, t1, dt0)`, into `out`."""
     recorders, names = [], []
     if times is not None:
         t1, clips, first = times
@@ -162,6 +167,14 @@ def _outer_loop(
                 ft.partial(write_checkpoint, every=every),
             )
         )
+        if restarts:
+            names.append("restarts")
+            recorders.append(
+                (
+                    RestartRecord.empty(init_state, count, every, max_steps),
+                    lambda state, new, r: r.write(state, new),
+                )
+            )
     if num_jumps > 0:
         names.append("jumps")
         template = (init_state.y, init_state.solver_state)
@@ -313,6 +326,7 @@ def _varying_save_state(init_state, axes: frozenset):
 
 def _residuals(final_state, step_times, out: dict, event_record) -> Residuals:
     coefficients = out.get("time_coefficients")
+    restarts = out.get("restarts")
     return Residuals(
         y=final_state.y,
         solver_state=final_state.solver_state,
@@ -322,6 +336,7 @@ def _residuals(final_state, step_times, out: dict, event_record) -> Residuals:
         jumps=out.get("jumps"),
         time_coefficients=None if coefficients is None else coefficients.ends,
         event=event_record,
+        restarts=restarts,
     )
 
 
@@ -352,18 +367,29 @@ def forward(
     if event is not None:
         assert inputs.event_fns is not None
         loop_kwargs["event"] = with_cond_fns(event, inputs.event_fns)
+    axes = varying_axes(inputs)
+    # The step times of an adaptive controller: recorded, or recomputed on the
+    # backward pass from restart points every `rerun_every` steps (`rerun.py`).
+    # Only the backward pass needs them.
+    rerun_every = None
+    if with_checkpoints:
+        continued = passed_state or inputs.solver_state0 is not None
+        rerun_every = recompute_every(
+            adjoint, loop_kwargs["stepsize_controller"], init_state, max_steps,
+            event=event, diff_times=diff_times, axes=axes, continued=continued,
+        )  # fmt: skip
     record = needs_recording(loop_kwargs["stepsize_controller"])
+    record = record and with_checkpoints and rerun_every is None
     record_root = event is not None and event.root_finder is not None
     sizes = ([max_steps] if record else []) + ([1] if record_root else [])
     if sizes:
         init_state, saveat = _with_recordings(init_state, saveat, sizes)
-    axes = varying_axes(inputs)
     init_state = _varying_save_state(init_state, axes)
     out = {}
     num_jumps = count_jumps(loop_kwargs["stepsize_controller"])
     outer_while_loop = _outer_loop(
         init_state,
-        every=adjoint.checkpoint_every if with_checkpoints else None,
+        every=(rerun_every or adjoint.checkpoint_every) if with_checkpoints else None,
         max_steps=max_steps,
         num_jumps=num_jumps if with_checkpoints else 0,
         jump_states=not loop_kwargs["solver"].reversible_across_jumps,
@@ -372,6 +398,7 @@ def forward(
         times=_time_coefficients(inputs, init_state, loop_kwargs, passed_state)
         if record and diff_times
         else None,
+        restarts=rerun_every is not None,
     )
     final_state, aux_stats = adjoint._loop(
         args=inputs.args,

@@ -219,6 +219,18 @@ class StepTimes(eqx.Module):
     # With an event, the solve may stop before `t1` (`events.py`): the last step
     # then ends where the controller put it, not at `t1`.
     may_stop_early: bool = eqx.field(default=False, static=True)
+    # With `step_times="recompute"` (`rerun.py`): `recorded` holds the times
+    # t_{a-1}, t_a, ..., t_{a+k} of the segment that starts at step a.
+    segment_start: Int[Array, ""] | None = None
+
+    def on_segment(self, start: Int[Array, ""], times: Real[Array, " k+2"]):
+        """These times, with those of the segment at `start` recorded."""
+        return eqx.tree_at(
+            lambda s: (s.recorded, s.segment_start),
+            self,
+            (times, start),
+            is_leaf=lambda x: x is None,
+        )
 
     def end(self, m: Int[Array, ""]) -> Real[Array, ""]:
         """The end of step m: t_{m+1}, the start of the next step, unless step m ends
@@ -231,6 +243,11 @@ class StepTimes(eqx.Module):
 
     def __getitem__(self, n: Int[Array, ""]) -> Real[Array, ""]:
         """The time t_n."""
+        if self.segment_start is not None:
+            assert self.recorded is not None
+            size = self.recorded.shape[0]
+            t = self.recorded[jnp.clip(n - self.segment_start + 1, 0, size - 1)]
+            return jnp.where(n == 0, self.t0, t)
         if self.recorded is not None:
             return jnp.where(n == 0, self.t0, self.recorded[jnp.maximum(n - 1, 0)])
         if self.kind == "stepto":

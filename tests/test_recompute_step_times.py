@@ -1,0 +1,281 @@
+"""`ReversibleAdjoint(step_times="recompute")` (and the default "auto"): the step
+times of an adaptive solve re-run on the backward pass in segments, from restart
+points stored every k accepted steps, instead of a record of `max_steps` times
+(issue 22: per-sample solves under `jax.vmap`)."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+import revdiffrax
+from helpers import tree_rel_err
+from revdiffrax._adjoint import rerun
+
+
+T1 = 10.0
+CONTROLLER = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+
+
+def _pendulum(t, y, args):
+    return jnp.stack([y[1], -args[0] * jnp.sin(y[0]) - args[1] * y[1]])
+
+
+def _loss(
+    y0, args, *, solver, adjoint, saveat, max_steps=256, event=None, t1=T1,
+    controller=CONTROLLER,
+):  # fmt: skip
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_pendulum),
+        solver,
+        0.0,
+        t1,
+        0.3,
+        y0,
+        args=args,
+        adjoint=adjoint,
+        stepsize_controller=controller,
+        saveat=saveat,
+        max_steps=max_steps,
+        event=event,
+    )
+    ys = jnp.where(jnp.isfinite(sol.ys), sol.ys, 0)  # (`SaveAt(steps)` pads inf)
+    return jnp.sum(ys**2 * jnp.arange(1, 3)), sol.stats
+
+
+def _grad(adjoint, solver, saveat, y0, args, **kwargs):
+    def loss(y0_, args_):
+        return _loss(
+            y0_, args_, solver=solver, adjoint=adjoint, saveat=saveat, **kwargs
+        )
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(y0, args)
+
+
+class _CountReruns:
+    """Counts (at trace time) the backward passes that re-run segments."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        last = rerun.Rerun.last
+
+        def counted(self_):
+            self.count += 1
+            return last(self_)
+
+        monkeypatch.setattr(rerun.Rerun, "last", counted)
+
+
+Y0 = jnp.array([1.0, 0.2])
+ARGS = jnp.array([2.0, 0.1])
+SAVEATS = {
+    "t1": diffrax.SaveAt(t1=True),
+    "ts": diffrax.SaveAt(ts=jnp.linspace(0.5, T1, 7)),
+}
+
+
+def _all_outputs(t1):
+    """`SaveAt(t1)`, `SaveAt(ts)` and `SaveAt(steps)` at once."""
+    ts = jnp.linspace(0.1, 0.95 * t1, 5)
+    subs = (
+        diffrax.SubSaveAt(t1=True),
+        diffrax.SubSaveAt(ts=ts),
+        diffrax.SubSaveAt(steps=True),
+    )
+    return diffrax.SaveAt(subs=subs)
+
+
+def _sum_all(ys):
+    return sum(jnp.sum(jnp.where(jnp.isfinite(y), y, 0) ** 2) for y in ys)
+
+
+# (solver, checkpoint_every, t1, controller, max_steps): 40 accepted steps (and 15
+# rejected) in segments of 7; 65 (and 10) in segments of k from `max_steps = 96`.
+CASES = {
+    "Reversible(Tsit5), k=7": (
+        revdiffrax.Reversible(diffrax.Tsit5()), 7, T1, CONTROLLER, 64
+    ),
+    "ReversibleHeun, k from max_steps": (
+        revdiffrax.ReversibleHeun(), None, 2.0,
+        diffrax.PIDController(rtol=1e-3, atol=1e-5), 96,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_equal_rca(case, monkeypatch):
+    """Several segments, a partial last one, rejected steps, `SaveAt(t1, ts,
+    steps)`: the gradients with respect to y0 and args of RCA through the same
+    solver."""
+    solver, every, t1, controller, max_steps = CASES[case]
+    saveat = _all_outputs(t1)
+
+    def grad(adjoint):
+        def loss(y0, args):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(_pendulum), solver, 0.0, t1, 0.3, y0, args=args,
+                adjoint=adjoint, stepsize_controller=controller, saveat=saveat,
+                max_steps=max_steps,
+            )  # fmt: skip
+            return _sum_all(sol.ys), sol.stats
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(Y0, ARGS)
+
+    counter = _CountReruns(monkeypatch)
+    adjoint = revdiffrax.ReversibleAdjoint(
+        step_times="recompute", checkpoint_every=every
+    )
+    grads, stats = grad(adjoint)
+    expected, rca_stats = grad(diffrax.RecursiveCheckpointAdjoint())
+    assert counter.count == 1
+    assert stats["num_rejected_steps"] > 0
+    k = every or rerun.recompute_every(
+        adjoint, controller, _Shapes(solver, controller), max_steps,
+        event=None, diff_times=False, axes=frozenset(), continued=False,
+    )  # fmt: skip
+    assert k is not None and stats["num_accepted_steps"] > k
+    assert stats["num_accepted_steps"] % k != 0  # a partial last segment
+    assert stats["num_accepted_steps"] == rca_stats["num_accepted_steps"]
+    assert tree_rel_err(grads, expected) < 1e-9
+
+
+class _Shapes:
+    """The loop state fields that `recompute_every` sizes, for a solver."""
+
+    def __init__(self, solver, controller):
+        terms = diffrax.ODETerm(_pendulum)
+        self.y = Y0
+        self.solver_state = solver.init(terms, 0.0, 0.3, Y0, ARGS)
+        order = solver.error_order(terms)
+        _, self.controller_state = controller.init(
+            terms, 0.0, T1, Y0, 0.3, ARGS, solver.func, order
+        )
+        self.tprev = self.tnext = jnp.asarray(0.0)
+        self.num_steps = self.num_rejected_steps = 0
+
+
+def test_vmap_gradients_equal_rca(monkeypatch):
+    """Per-sample solves under `jax.vmap`, whose segments start at different
+    backward iterations (the samples take different numbers of steps)."""
+    solver = revdiffrax.Reversible(diffrax.Tsit5())
+    y0s = jnp.array([[1.0, 0.2], [2.5, -0.3], [0.1, 0.0]])
+    saveat = SAVEATS["ts"]
+
+    def grads(adjoint):
+        def loss(y0, args):
+            return _loss(y0, args, solver=solver, adjoint=adjoint, saveat=saveat)[0]
+
+        grad = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))
+        return jax.jit(grad)(y0s, ARGS)
+
+    counter = _CountReruns(monkeypatch)
+    got = grads(
+        # `drift_tol`: every sample's re-runs must also match its forward pass.
+        revdiffrax.ReversibleAdjoint(
+            step_times="recompute", checkpoint_every=5, drift_tol=1e-6
+        )
+    )
+    assert counter.count >= 1
+    expected = grads(diffrax.RecursiveCheckpointAdjoint())
+    assert tree_rel_err(got, expected) < 1e-9
+
+
+def test_auto_records_out_of_scope(monkeypatch):
+    """ "auto" records the step times with an event (out of scope), and an explicit
+    "recompute" there, or with a differentiated `t1`, is refused by name (all at
+    trace time)."""
+    solver = revdiffrax.Reversible(diffrax.Tsit5())
+    event = diffrax.Event(lambda t, y, args, **kw: y[0] < -0.5)
+    counter = _CountReruns(monkeypatch)
+    saveat = SAVEATS["t1"]
+
+    def trace(adjoint, **kwargs):
+        def loss(y0, args):
+            return _loss(
+                y0, args, solver=solver, adjoint=adjoint, saveat=saveat, **kwargs
+            )
+
+        return jax.eval_shape(jax.grad(loss, has_aux=True), Y0, ARGS)
+
+    trace(revdiffrax.ReversibleAdjoint())
+    assert counter.count == 1  # (the default recomputes without the event)
+    trace(revdiffrax.ReversibleAdjoint(), event=event)
+    assert counter.count == 1
+    explicit = revdiffrax.ReversibleAdjoint(step_times="recompute")
+    with pytest.raises(ValueError, match='step_times="record"'):
+        trace(explicit, event=event)
+
+    def loss_t1(t1):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_pendulum), solver, 0.0, t1, 0.3, Y0, args=ARGS,
+            adjoint=explicit, stepsize_controller=CONTROLLER, max_steps=256,
+        )  # fmt: skip
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(ValueError, match="differentiated"):
+        jax.eval_shape(jax.grad(loss_t1), T1)
+    with pytest.raises(ValueError, match="step_times"):
+        revdiffrax.ReversibleAdjoint(step_times="never")  # pyright: ignore
+
+
+def test_mismatched_rerun_is_reported(monkeypatch):
+    """A re-run that does not end where the forward pass did (here: made to start
+    its first step elsewhere) is reported by the drift check, not silently
+    used."""
+    restart_state = rerun.Rerun._restart_state
+
+    def perturbed(self, a):
+        state, before = restart_state(self, a)
+        return eqx.tree_at(lambda s: s.tnext, state, state.tnext * 1.37), before
+
+    monkeypatch.setattr(rerun.Rerun, "_restart_state", perturbed)
+    drifts = []
+    adjoint = revdiffrax.ReversibleAdjoint(
+        step_times="recompute",
+        checkpoint_every=7,  # (the last segment's times are recorded, not re-run)
+        drift_tol=None,
+        drift_callback=drifts.append,
+    )
+    solver = revdiffrax.Reversible(diffrax.Tsit5())
+    jax.block_until_ready(_grad(adjoint, solver, SAVEATS["t1"], Y0, ARGS))
+    assert len(drifts) == 1 and not drifts[0] < 1e-3
+
+
+def _neural_ode_memory(step_times: str, monkeypatch) -> int:
+    """Compiled temp memory of a vmapped neural-ODE gradient (batch 16, float32,
+    diffrax's default-style `max_steps=4096`)."""
+    mlp = eqx.nn.MLP(2, 2, 16, 2, activation=jax.nn.softplus, key=jax.random.key(0))
+    mlp = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, mlp
+    )
+    adjoint = revdiffrax.ReversibleAdjoint(step_times=step_times)  # pyright: ignore
+    ts = jnp.linspace(0.0, 1.0, 10, dtype=jnp.float32)
+
+    def loss(model, y0s):
+        def one(y0):
+            return diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, m: m(y)),
+                revdiffrax.Reversible(diffrax.Tsit5()),
+                ts[0], ts[-1], ts[1], y0, args=model,
+                stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-6),
+                saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=4096,
+            ).ys  # fmt: skip
+
+        return jnp.mean(jax.vmap(one)(y0s) ** 2)
+
+    y0s = jnp.ones((16, 2), jnp.float32)
+    params, static = eqx.partition(mlp, eqx.is_array)
+    grad = jax.jit(jax.grad(lambda p, y: loss(eqx.combine(p, static), y)))
+    counter = _CountReruns(monkeypatch)
+    compiled = grad.lower(params, y0s).compile()
+    assert counter.count == (0 if step_times == "record" else 1)
+    return compiled.memory_analysis().temp_size_in_bytes  # pyright: ignore
+
+
+def test_recompute_lowers_vmap_memory(monkeypatch):
+    """The record of `max_steps` times per sample is gone: the default ("auto",
+    which recomputes here) needs less compiled temp memory than "record"."""
+    record = _neural_ode_memory("record", monkeypatch)
+    auto = _neural_ode_memory("auto", monkeypatch)
+    # The record alone: 4096 float32 times for each of 16 samples, 256 KiB.
+    assert auto < record - 128 * 1024
