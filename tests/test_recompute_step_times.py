@@ -1,4 +1,4 @@
-"""`ReversibleAdjoint(step_times="recompute")` (and the default "auto"): the step
+"""`ReversibleAdjoint(step_times="recompute")` (and "auto"): the step
 times of an adaptive solve re-run on the backward pass in segments, from restart
 points stored every k accepted steps, instead of a record of `max_steps` times
 (issue 22: per-sample solves under `jax.vmap`)."""
@@ -197,9 +197,12 @@ def test_auto_records_out_of_scope(monkeypatch):
 
         return jax.eval_shape(jax.grad(loss, has_aux=True), Y0, ARGS)
 
+    auto = revdiffrax.ReversibleAdjoint(step_times="auto")
     trace(revdiffrax.ReversibleAdjoint())
-    assert counter.count == 1  # (the default recomputes without the event)
-    trace(revdiffrax.ReversibleAdjoint(), event=event)
+    assert counter.count == 0  # (the default records)
+    trace(auto)
+    assert counter.count == 1  # ("auto" recomputes without the event)
+    trace(auto, event=event)
     assert counter.count == 1
     explicit = revdiffrax.ReversibleAdjoint(step_times="recompute")
     with pytest.raises(ValueError, match='step_times="record"'):
@@ -273,8 +276,8 @@ def _neural_ode_memory(step_times: str, monkeypatch) -> int:
 
 
 def test_recompute_lowers_vmap_memory(monkeypatch):
-    """The record of `max_steps` times per sample is gone: the default ("auto",
-    which recomputes here) needs less compiled temp memory than "record"."""
+    """Without the record of `max_steps` times per sample, "auto" (which recomputes
+    here) needs less compiled temp memory than "record"."""
     record = _neural_ode_memory("record", monkeypatch)
     auto = _neural_ode_memory("auto", monkeypatch)
     # The record alone: 4096 float32 times for each of 16 samples, 256 KiB.

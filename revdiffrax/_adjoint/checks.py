@@ -29,8 +29,9 @@ def check_solver(solver: diffrax.AbstractSolver) -> None:
 def check_max_steps(max_steps: int | None) -> None:
     if max_steps is None:
         raise ValueError(
-            "`ReversibleAdjoint` records one time per accepted step in a buffer of "
-            "length `max_steps`, so it needs a finite bound: pass e.g. "
+            "`ReversibleAdjoint` sizes what it keeps of the step times (a record "
+            "of, or restart points every k of, at most `max_steps` accepted steps) "
+            "from `max_steps`, so it needs a finite bound: pass e.g. "
             "`diffeqsolve(..., max_steps=4096)`."
         )
 
