@@ -147,6 +147,7 @@ def interleaved_times(
     repeats: int,
     *,
     min_sample_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[Any, tuple[float, float]]:
     """Median and minimum times of `fns` (name -> (function, input)), timed
     round-robin so that load changes on a shared machine hit every candidate alike.
@@ -154,7 +155,11 @@ def interleaved_times(
     With `min_sample_s > 0`, a function whose (timed) warm-up call took less than
     that is called `ceil(min_sample_s / warm-up time)` times back to back per
     sample, and the time per call is reported (as `timeit` does), so that calls
-    much shorter than the scheduler's time slices are not dominated by them."""
+    much shorter than the scheduler's time slices are not dominated by them.
+
+    `clock=time.process_time` measures this process's CPU time (XLA's worker threads
+    included) instead of wall-clock time: the time slices that other processes take
+    on a loaded machine are then not counted."""
     number = {}
     for name, (fn, x) in fns.items():  # warm-up
         start = time.perf_counter()
@@ -164,9 +169,9 @@ def interleaved_times(
     times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, (fn, x) in fns.items():
-            start = time.perf_counter()
+            start = clock()
             jax.block_until_ready([fn(x) for _ in range(number[name])])
-            times[name].append((time.perf_counter() - start) / number[name])
+            times[name].append((clock() - start) / number[name])
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
