@@ -395,12 +395,15 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     state), inside `jax.shard_map`, or when `t0`, `t1` or `dt0` are
     differentiated: there it raises an error. `"auto"`: `"recompute"` where it
     is possible and stores less than the record, else `"record"`. `"record"` is
-    the default because a re-run, compiled apart from the forward pass, reproduces
-    the forward's step times only to about 1e-11 in float64 (not bitwise:
-    `Reversible`'s error estimate includes a round-trip defect at the level of
-    rounding, and the two compilations round differently), so the gradient is that
-    of a solve whose step times differ by as much (measured: 2e-11 relative from
-    `DirectAdjoint`'s, against 1e-14 recorded). Under
+    the default because a re-run, compiled apart from the forward pass, may
+    reproduce the forward's step times only to about 1e-12 in float64, not
+    bitwise: XLA fuses the step into other kernels in the two programs, which
+    contract multiply-adds into fused multiply-adds differently, and the embedded
+    error estimate, which cancels to about 1e-7 of its terms, turns that last-bit
+    difference into one in its 7th digit. The gradient is then that of a solve
+    whose step times differ by as much (measured on notebook 04: 2e-11 relative
+    from `DirectAdjoint`'s, against 1e-14 recorded; where XLA happens to compile
+    both alike, bitwise: `benchmarks/results/rerun_bitwise_cpu.md`). Under
     `jax.vmap` a sample whose segment ends re-runs while the others wait, so
     samples with very different step counts over several segments pay more than
     one forward solve. Constant steps and `StepTo` record nothing either way.

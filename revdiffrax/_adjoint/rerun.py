@@ -21,8 +21,11 @@ times, against `max_steps` times; k = $\lceil\sqrt{\text{max\_steps}\, c}\rceil$
 but the last segment (with their rejected steps) in the backward pass: none when a
 solve takes at most k steps, as one does with a `max_steps` far above its needs.
 
-The re-run is compiled apart from the forward solve, and in a borderline case its
-error estimates, equal up to rounding, could accept a step the forward rejected.
+The re-run is compiled apart from the forward solve, and XLA may fuse the step
+into other kernels there, rounding differently (fused multiply-adds): the error
+estimate, which cancels, then differs in its 7th digit, the step times by about
+1e-12 (`benchmarks/results/rerun_bitwise_cpu.md`), and in a borderline case a
+step the forward rejected could be accepted.
 Each re-run therefore checks that it reproduces the forward pass: the same number
 of accepted steps, with the same sum of step times (one scalar per segment, summed
 by the forward pass); their relative difference (`inf` for a different count)
