@@ -181,9 +181,10 @@ def test_vmap_gradients_equal_rca(monkeypatch):
 
 
 def test_auto_records_out_of_scope(monkeypatch):
-    """ "auto" records the step times with an event (out of scope), and an explicit
-    "recompute" there, or with a differentiated `t1`, is refused by name (all at
-    trace time)."""
+    """ "auto" (the default) recomputes where that stores less than the record
+    (`max_steps=4096`, not 256), records the step times with an event (out of
+    scope), and an explicit "recompute" there, or with a differentiated `t1`, is
+    refused by name (all at trace time)."""
     solver = revdiffrax.Reversible(diffrax.Tsit5())
     event = diffrax.Event(lambda t, y, args, **kw: y[0] < -0.5)
     counter = _CountReruns(monkeypatch)
@@ -198,11 +199,12 @@ def test_auto_records_out_of_scope(monkeypatch):
         return jax.eval_shape(jax.grad(loss, has_aux=True), Y0, ARGS)
 
     auto = revdiffrax.ReversibleAdjoint(step_times="auto")
-    trace(revdiffrax.ReversibleAdjoint())
-    assert counter.count == 0  # (the default records)
-    trace(auto)
+    assert revdiffrax.ReversibleAdjoint().step_times == "auto"
+    trace(auto, max_steps=4096)
     assert counter.count == 1  # ("auto" recomputes without the event)
-    trace(auto, event=event)
+    trace(auto, max_steps=256)  # (the low halves of 256 times alone are 128)
+    assert counter.count == 1
+    trace(auto, event=event, max_steps=4096)
     assert counter.count == 1
     explicit = revdiffrax.ReversibleAdjoint(step_times="recompute")
     with pytest.raises(ValueError, match='step_times="record"'):
@@ -219,6 +221,58 @@ def test_auto_records_out_of_scope(monkeypatch):
         jax.eval_shape(jax.grad(loss_t1), T1)
     with pytest.raises(ValueError, match="step_times"):
         revdiffrax.ReversibleAdjoint(step_times="never")  # pyright: ignore
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_snap_recovers_times_from_their_low_bits(dtype):
+    """`rerun.snap` returns the float with the recorded low bits nearest to an
+    approximation up to a quarter window away (2^14 units in the last place in
+    float32), on both sides of zero, and says how far it moved."""
+    key1, key2 = jax.random.split(jax.random.key(0))
+    scales = 10.0 ** jnp.arange(-3, 3).repeat(34)[:200]
+    special = jnp.array([0.0, 1e-30, -1e-30, 1.0, -1.0], dtype)
+    exact = jnp.concatenate([jax.random.normal(key1, (200,), dtype) * scales, special])
+    ulps = jax.random.randint(key2, exact.shape, -(2**14), 2**14 + 1)
+    ordered = rerun._ordered(exact)
+    approx = rerun._from_ordered(ordered + ulps.astype(ordered.dtype), exact.dtype)
+    snapped, moved = rerun.snap(approx, rerun.low_bits(exact))
+    assert snapped.dtype == exact.dtype
+    assert jnp.array_equal(snapped, exact) and jnp.array_equal(moved, -ulps)
+
+
+def test_rerun_times_are_snapped_to_the_forwards(monkeypatch):
+    """A re-run whose step times differ slightly from the forward's (here: made
+    to start each segment with a step 1e-9 longer; XLA's differing fused
+    multiply-adds do the same at 1e-12) gives the forward's times bitwise after
+    snapping: the gradient equals "record"'s to rounding, and no mismatch is
+    reported (without snapping: both about 1e-9)."""
+    solver = revdiffrax.Reversible(diffrax.Tsit5())
+    saveat = SAVEATS["ts"]
+    record = _grad(
+        revdiffrax.ReversibleAdjoint(step_times="record"), solver, saveat, Y0, ARGS
+    )
+    restart_state, load = rerun.Rerun._restart_state, rerun.Rerun.load
+
+    def perturbed(self, a):
+        state, before = restart_state(self, a)
+        dt = state.tnext - state.tprev
+        return eqx.tree_at(
+            lambda s: s.tnext, state, state.tprev + dt * (1 + 1e-9)
+        ), before
+
+    mismatches = []
+
+    def logged(self, a, target):
+        segment, mismatch = load(self, a, target)
+        jax.debug.callback(mismatches.append, mismatch)
+        return segment, mismatch
+
+    monkeypatch.setattr(rerun.Rerun, "_restart_state", perturbed)
+    monkeypatch.setattr(rerun.Rerun, "load", logged)
+    adjoint = revdiffrax.ReversibleAdjoint(step_times="recompute", checkpoint_every=7)
+    recomputed = _grad(adjoint, solver, saveat, Y0, ARGS)
+    assert len(mismatches) > 3 and all(m == 0 for m in mismatches)
+    assert tree_rel_err(recomputed[0], record[0]) < 1e-13
 
 
 def test_mismatched_rerun_is_reported(monkeypatch):
@@ -244,9 +298,15 @@ def test_mismatched_rerun_is_reported(monkeypatch):
     assert len(drifts) == 1 and not drifts[0] < 1e-3
 
 
+# Four times diffrax's default: the record grows like `max_steps`, "auto"'s restart
+# points like its square root, and its record of the times' low halves like half
+# of it, so the difference shows above the rest of the gradient's memory.
+MAX_STEPS = 16384
+
+
 def _neural_ode_memory(step_times: str, monkeypatch) -> int:
     """Compiled temp memory of a vmapped neural-ODE gradient (batch 16, float32,
-    diffrax's default-style `max_steps=4096`)."""
+    `max_steps=MAX_STEPS`)."""
     mlp = eqx.nn.MLP(2, 2, 16, 2, activation=jax.nn.softplus, key=jax.random.key(0))
     mlp = jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, mlp
@@ -261,7 +321,7 @@ def _neural_ode_memory(step_times: str, monkeypatch) -> int:
                 revdiffrax.Reversible(diffrax.Tsit5()),
                 ts[0], ts[-1], ts[1], y0, args=model,
                 stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-6),
-                saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=4096,
+                saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=MAX_STEPS,
             ).ys  # fmt: skip
 
         return jnp.mean(jax.vmap(one)(y0s) ** 2)
@@ -280,5 +340,6 @@ def test_recompute_lowers_vmap_memory(monkeypatch):
     here) needs less compiled temp memory than "record"."""
     record = _neural_ode_memory("record", monkeypatch)
     auto = _neural_ode_memory("auto", monkeypatch)
-    # The record alone: 4096 float32 times for each of 16 samples, 256 KiB.
-    assert auto < record - 128 * 1024
+    # The record alone: 16384 float32 times for each of 16 samples, 1 MiB, of
+    # which "auto" keeps the low halves of the bits (512 KiB).
+    assert auto < record - 384 * 1024

@@ -194,7 +194,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         default="auto", static=True
     )
     step_times: Literal["auto", "record", "recompute"] = eqx.field(
-        default="record", static=True
+        default="auto", static=True
     )
 
     def __check_init__(self):
@@ -218,8 +218,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             )
         if self.step_times not in ("auto", "record", "recompute"):
             raise ValueError(
-                '`step_times` must be "record" (the default: store every accepted '
-                'step time of an adaptive solve), "auto" or "recompute" (re-run '
+                '`step_times` must be "auto" (the default), "record" (store every '
+                'accepted step time of an adaptive solve) or "recompute" (re-run '
                 "the forward solve in segments on the backward pass), got "
                 f"{self.step_times!r}."
             )
@@ -381,32 +381,32 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
     (under `jax.vmap`, per sample), allocated up front. `"recompute"`: the forward
     pass stores, every k accepted steps, what diffrax's loop needs to restart
     there (the state, the solver and controller states, the times and step
-    counts) and the times of the last k steps, and the backward pass re-runs each
-    segment of k steps but the last forward with diffrax's own loop before
-    reversing it, restarting the reconstruction from the stored state as
-    `checkpoint_every=k` does. It stores `(max_steps // k) c + 2k` scalars, c
-    those of one restart point, against `max_steps`; k is `checkpoint_every` if
-    set, else $\lceil\sqrt{\text{max\_steps}\, c}\rceil$ (about minimal), and
-    it costs a forward solve of all but the last segment (with their rejected
-    steps) in the backward pass: nothing for a solve of at most k steps.
-    Each re-run must reproduce the forward's steps (their count and the sum of
-    their times); a difference joins the drift that `drift_tol` checks. Not with
-    an `event`, `jump_ts`, a continued solve (a passed solver or controller
-    state), inside `jax.shard_map`, or when `t0`, `t1` or `dt0` are
-    differentiated: there it raises an error. `"auto"`: `"recompute"` where it
-    is possible and stores less than the record, else `"record"`. `"record"` is
-    the default because a re-run, compiled apart from the forward pass, may
-    reproduce the forward's step times only to about 1e-12 in float64, not
-    bitwise: XLA fuses the step into other kernels in the two programs, which
-    contract multiply-adds into fused multiply-adds differently, and the embedded
-    error estimate, which cancels to about 1e-7 of its terms, turns that last-bit
-    difference into one in its 7th digit. The gradient is then that of a solve
-    whose step times differ by as much (measured on notebook 04: 2e-11 relative
-    from `DirectAdjoint`'s, against 1e-14 recorded; where XLA happens to compile
-    both alike, bitwise: `benchmarks/results/rerun_bitwise_cpu.md`). Under
-    `jax.vmap` a sample whose segment ends re-runs while the others wait, so
-    samples with very different step counts over several segments pay more than
-    one forward solve. Constant steps and `StepTo` record nothing either way.
+    counts), the times of the last k steps and the low half of the bits of
+    every step time (2 bytes a step in float32, 4 in float64), and the backward
+    pass re-runs each segment of k steps but the last forward with diffrax's own
+    loop before reversing it, restarting the reconstruction from the stored
+    state as `checkpoint_every=k` does. A re-run is compiled apart from the
+    forward pass, and XLA may round its multiply-adds differently there (fused
+    multiply-adds); the embedded error estimate, which cancels to about 1e-7 of
+    its terms, turns that last bit into step times about 1e-12 apart
+    (`benchmarks/results/rerun_bitwise_cpu.md`). So each re-run time is snapped
+    to the nearest float with the recorded low bits: the forward's time, bitwise,
+    and the gradient equals that of `"record"`. Each re-run must reproduce the
+    forward's steps (their count, snaps within a quarter of the window, and the
+    sum of their times, exactly); a difference joins the drift that `drift_tol`
+    checks. It stores `(max_steps // k) c + 2k` scalars and `max_steps` half
+    scalars, c those of one restart point, against `max_steps` scalars; k is
+    `checkpoint_every` if set, else $\lceil\sqrt{\text{max\_steps}\, c}\rceil$
+    (about minimal), and it costs a forward solve of all but the last segment
+    (with their rejected steps) in the backward pass: nothing for a solve of at
+    most k steps. Not with an `event`, `jump_ts`, a continued solve (a passed
+    solver or controller state), inside `jax.shard_map`, or when `t0`, `t1` or
+    `dt0` are differentiated: there it raises an error. `"auto"` (the default):
+    `"recompute"` where it is possible and stores less than the record, else
+    `"record"`. Under `jax.vmap` a sample whose segment ends re-runs while the
+    others wait, so samples with very different step counts over several
+    segments pay more than one forward solve. Constant steps and `StepTo` record
+    nothing either way.
 - `parasitic_tol`: what to do with the relative distance
     $\\|y_N - z_N\\|_2 / \\|y_N\\|_2$ (over the components measured, see
     `drift_tol`) between the two states of a two-state solver

@@ -55,6 +55,16 @@ def write_checkpoint(state, new_state, ckpts: PyTree[Array], *, every: int):
     return lax.cond(pred, write, lambda c: c, ckpts)
 
 
+def _buffers(record: PyTree) -> PyTree[Array]:
+    """The arrays of `record` that its update writes one element at a time (a
+    record's `loop_buffers()`, if it has one), declared to equinox's while loop as
+    buffers: under `jax.vmap` with a batched condition it then masks the written
+    element, where it would otherwise `select` (so copy) the whole array on every
+    step."""
+    loop_buffers = getattr(record, "loop_buffers", None)
+    return () if loop_buffers is None else loop_buffers()
+
+
 def recording_outer_loop(
     cond_fun: Callable,
     body_fun: Callable,
@@ -86,7 +96,7 @@ def recording_outer_loop(
         body,
         (init_val, [initial for initial, _ in recorders]),
         max_steps=max_steps,
-        buffers=lambda carry: buffers(carry[0]),
+        buffers=lambda carry: (buffers(carry[0]), [_buffers(r) for r in carry[1]]),
     )
     out.extend(records)
     return final_state

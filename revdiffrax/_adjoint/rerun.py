@@ -15,21 +15,29 @@ forward from its restart point with diffrax's own loop, recording only its k ste
 times. It reconstructs and pulls back through the steps of a segment as usual,
 restarting the reconstruction from the checkpoint at the segment's end.
 
-Memory per solve: `max_steps // k` restart points of $c$ scalars each, plus 2k
-times, against `max_steps` times; k = $\lceil\sqrt{\text{max\_steps}\, c}\rceil$
-(about $2\sqrt{\text{max\_steps}\, c}$ in all). Cost: a forward solve of all
-but the last segment (with their rejected steps) in the backward pass: none when a
-solve takes at most k steps, as one does with a `max_steps` far above its needs.
+Memory per solve: `max_steps // k` restart points of $c$ scalars each, 2k times
+and the low halves of `max_steps` times, against `max_steps` times;
+k = $\lceil\sqrt{\text{max\_steps}\, c}\rceil$ (about $2\sqrt{\text{max\_steps}\,
+c}$ besides the low halves). Cost: a forward solve of all but the last segment
+(with their rejected steps) in the backward pass: none when a solve takes at most
+k steps, as one does with a `max_steps` far above its needs.
 
 The re-run is compiled apart from the forward solve, and XLA may fuse the step
 into other kernels there, rounding differently (fused multiply-adds): the error
-estimate, which cancels, then differs in its 7th digit, the step times by about
-1e-12 (`benchmarks/results/rerun_bitwise_cpu.md`), and in a borderline case a
-step the forward rejected could be accepted.
-Each re-run therefore checks that it reproduces the forward pass: the same number
-of accepted steps, with the same sum of step times (one scalar per segment, summed
-by the forward pass); their relative difference (`inf` for a different count)
-joins the drift of the reconstruction, whose check (`drift_tol`) reports it.
+estimate, which cancels, then differs in its 7th digit, and the step times by
+about 1e-12 (`benchmarks/results/rerun_bitwise_cpu.md`). So the forward pass also
+records the low half of the bits of every accepted step time (2 bytes a step in
+float32, 4 in float64, against 4 and 8 for the time): the re-run gives the high
+bits, and each time is snapped to the nearest one (in units in the last place)
+with the recorded low bits, which is the forward's time whenever the re-run is
+within a quarter of that window of it (2^14 ulps in float32, 2^30 in float64).
+The gradient is then that of the forward solve, bitwise as with "record".
+Each re-run checks this: the same number of accepted steps, every snap within a
+quarter window, and the same sum of the snapped times (summed in the forward's
+order, so exactly equal) as the forward's (one scalar per segment). Any
+difference (its relative size, `inf` for a different count or a snap out of
+range) joins the drift of the reconstruction, whose check (`drift_tol`) reports
+it; in a borderline case the re-run could accept a step the forward rejected.
 """
 
 import math
@@ -42,9 +50,45 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax._integrate import loop as diffrax_loop, SaveState
-from jaxtyping import Array, Float, Int, PyTree, Real
+from jaxtyping import Array, Float, Int, PyTree, Real, UInt
 
 from .checkpoints import outer_loop
+
+
+def _ordered(t: Float[Array, "*n"]) -> Int[Array, "*n"]:
+    """The bits of `t` as a signed integer that is monotone in `t` (consecutive
+    floats are consecutive integers, across zero too)."""
+    itype = jnp.dtype(f"int{8 * t.dtype.itemsize}")
+    i = lax.bitcast_convert_type(t, itype)
+    return jnp.where(i >= 0, i, jnp.iinfo(itype).min - i)
+
+
+def _from_ordered(o: Int[Array, "*n"], dtype) -> Float[Array, "*n"]:
+    i = jnp.where(o >= 0, o, jnp.iinfo(o.dtype).min - o)
+    return lax.bitcast_convert_type(i, dtype)
+
+
+def _window(dtype) -> int:
+    """2 ** (half the bits of `dtype`)."""
+    return 1 << (4 * jnp.dtype(dtype).itemsize)
+
+
+def low_bits(t: Float[Array, "*n"]) -> UInt[Array, "*n"]:
+    """The low half of the bits of `_ordered(t)` (`uint16` for float32)."""
+    udtype = jnp.dtype(f"uint{4 * t.dtype.itemsize}")
+    return (_ordered(t) & (_window(t.dtype) - 1)).astype(udtype)
+
+
+def snap(
+    approx: Float[Array, " k"], low: UInt[Array, " k"]
+) -> tuple[Float[Array, " k"], Int[Array, " k"]]:
+    """The floats nearest to `approx` (in units in the last place) whose
+    `low_bits` are `low`, and how many units each moved."""
+    o = _ordered(approx)
+    window = _window(approx.dtype)
+    moved = (low.astype(o.dtype) - o) & (window - 1)
+    moved = jnp.where(moved >= window // 2, moved - window, moved)
+    return _from_ordered(o + moved, approx.dtype), moved
 
 
 def _size(tree: PyTree) -> int:
@@ -116,7 +160,8 @@ def recompute_every(
     if every is None:
         restart += _size((init_state.y, init_state.solver_state))
         every = max(1, min(max_steps, math.ceil(math.sqrt(max_steps * restart))))
-    stored = (max_steps // every) * restart + 2 * every + 2
+    # (+ the low halves of the times' bits: `max_steps / 2` times' worth)
+    stored = (max_steps // every) * restart + 2 * every + 2 + max_steps / 2
     if mode == "auto" and stored >= max_steps:
         return None
     return every
@@ -139,6 +184,8 @@ class RestartRecord(eqx.Module):
     # The times of the last segment: t_n in slot (n - 1) mod k, so that it needs
     # no re-run (nor, with a single segment, does any).
     last: Float[Array, " k"]
+    # `low_bits` of every accepted step time, t_n in slot n - 1.
+    low: UInt[Array, " max_steps"]
     every: int = eqx.field(static=True)  # k
     max_steps: int = eqx.field(static=True)
 
@@ -151,7 +198,14 @@ class RestartRecord(eqx.Module):
         dtype = jnp.result_type(init_state.tprev)
         zeros = jnp.zeros(count, dtype)
         last = jnp.zeros(every, dtype)
-        return cls(fields, zeros, zeros, jnp.zeros((), dtype), last, every, max_steps)
+        low = low_bits(jnp.zeros(max_steps, dtype))
+        return cls(
+            fields, zeros, zeros, jnp.zeros((), dtype), last, low, every, max_steps
+        )
+
+    def loop_buffers(self) -> UInt[Array, " max_steps"]:
+        """What `write` updates one element at a time (`checkpoints._buffers`)."""
+        return self.low
 
     def write(self, state, new_state) -> "RestartRecord":
         """After one iteration of diffrax's loop (as `write_checkpoint`)."""
@@ -162,28 +216,32 @@ class RestartRecord(eqx.Module):
         t = jnp.where(accepted, new_state.tprev, 0).astype(dtype)
         # Out of range (so dropped) unless the step was accepted.
         slot = jnp.where(accepted, (n - 1) % every, every)
-        last = self.last.at[slot].set(new_state.tprev.astype(dtype), mode="drop")
-        record = eqx.tree_at(
-            lambda r: (r.running, r.last), self, (self.running + t, last)
-        )
+        t_n = new_state.tprev.astype(dtype)
+        last = self.last.at[slot].set(t_n, mode="drop")
+        at = jnp.clip(n - 1, 0, self.max_steps - 1)
+        low = eqxi.buffer_at_set(self.low, at, low_bits(t_n), pred=accepted)
         index = jnp.clip(n // every - 1, 0, self.before.shape[0] - 1)
         leaves = jtu.tree_leaves(_restart_fields(new_state))
 
-        def write(record_):
+        def write(restart):
+            fields, before, sums, running = restart
             fields = [
-                b.at[index].set(jnp.asarray(x, b.dtype))
-                for b, x in zip(record_.fields, leaves)
+                b.at[index].set(jnp.asarray(x, b.dtype)) for b, x in zip(fields, leaves)
             ]
-            before = record_.before.at[index].set(state.tprev.astype(dtype))
-            sums = record_.sums.at[index].set(record_.running)
-            return eqx.tree_at(
-                lambda r: (r.fields, r.before, r.sums, r.running),
-                record_,
-                (fields, before, sums, jnp.zeros((), dtype)),
-            )
+            before = before.at[index].set(state.tprev.astype(dtype))
+            return fields, before, sums.at[index].set(running), jnp.zeros((), dtype)
 
-        # A `cond`, not a `where`: most steps write nothing.
-        return lax.cond(accepted & (n % every == 0), write, lambda r: r, record)
+        # A `cond`, not a `where`: most steps write nothing. Only the restart
+        # points go through it: under `jax.vmap` it becomes a `select` of its
+        # operands, which would copy the record of `max_steps` low halves.
+        restart = (self.fields, self.before, self.sums, self.running + t)
+        restart = lax.cond(accepted & (n % every == 0), write, lambda r: r, restart)
+        fields, before, sums, running = restart
+        return eqx.tree_at(
+            lambda r: (r.fields, r.before, r.sums, r.running, r.last, r.low),
+            self,
+            (fields, before, sums, running, last, low),
+        )
 
 
 class Segment(eqx.Module):
@@ -298,29 +356,39 @@ class Rerun(eqx.Module):
             progress_meter=diffrax.NoProgressMeter(),
         )
         dtype = self.restarts.before.dtype
-        times = jnp.concatenate(
-            [jnp.stack([before, state.tprev]).astype(dtype), final.save_state.ts]
-        )
+        times, mismatch = self._snapped(final, a, target)
+        times = jnp.concatenate([jnp.stack([before, state.tprev]).astype(dtype), times])
         segment = Segment(jnp.asarray(a, jnp.int32), lax.stop_gradient(times))
-        return segment, self._mismatch(final, target)
+        return segment, mismatch
 
-    def _mismatch(self, final, target: Int[Array, ""]) -> Float[Array, ""]:
-        """How far the re-run differs from the forward pass, up to accepted step
-        `target`: the relative difference of the sums of the segment's step times,
-        `inf` for a different count of accepted steps."""
+    def _snapped(
+        self, final, a: Int[Array, ""], target: Int[Array, ""]
+    ) -> tuple[Float[Array, " k"], Float[Array, ""]]:
+        """The re-run's times t_{a+1}, ..., t_target (then `inf`), snapped to the
+        recorded low bits, and how far the re-run differs from the forward pass:
+        the relative difference of the sums of the segment's times, `inf` for a
+        different count of accepted steps or a snap of over a quarter window."""
         k = self.every
+        approx = final.save_state.ts.astype(self.restarts.before.dtype)
+        valid = jnp.arange(k) < target - a
+        low = self.restarts.low.at[a + jnp.arange(k)].get(mode="fill", fill_value=0)
+        snapped, moved = snap(jnp.where(valid, approx, 0), low)
+        times = jnp.where(valid, snapped, approx)
+        in_window = jnp.all(jnp.abs(moved) <= _window(times.dtype) // 4, where=valid)
         j = jnp.clip(target // k - 1, 0, self.restarts.sums.shape[0] - 1)
         # A full segment's sum was stored at its end; the last one's is running.
         expected = jnp.where(
             target % k == 0, self.restarts.sums[j], self.restarts.running
         )
-        times = final.save_state.ts
-        finite = jnp.isfinite(times)
-        total = jnp.sum(jnp.where(finite, times, 0))
-        scale = jnp.sum(jnp.where(finite, jnp.abs(times), 0))
+        # Summed in the forward pass's order, so that equal times give equal sums.
+        addends = jnp.where(valid, times, 0)
+        total = lax.fori_loop(
+            0, k, lambda i, s: s + addends[i], jnp.zeros_like(expected)
+        )
+        scale = jnp.sum(jnp.abs(addends))
         error = jnp.abs(total - expected) / jnp.where(scale == 0, 1, scale)
-        same_count = final.num_accepted_steps == target
-        return jnp.where(same_count, error, jnp.inf)
+        same = (final.num_accepted_steps == target) & in_window
+        return times, jnp.where(same, error, jnp.inf)
 
     def last(self) -> tuple[Segment, Float[Array, ""]]:
         """The segment holding the last step, recorded by the forward pass (no
