@@ -4,8 +4,9 @@ Issue 22 item 1. For each problem, one gradient with
 `ReversibleAdjoint(step_times="recompute", checkpoint_every=k)`:
 
 - `mismatch`: the largest mismatch a re-run reports (the relative difference of
-  the sums of its segment's step times from the forward's; `inf` for another
-  count), taken from `Rerun.load` with nothing else instrumented;
+  the sums of its segment's step times, snapped to the recorded low bits, from the
+  forward's; `inf` for another count or a snap out of range), taken from
+  `Rerun.load` with nothing else instrumented;
 - `first step`, `fields`: with every iteration of diffrax's loop logged (through
   `jax.debug.callback`, in the forward pass and in the re-runs), the first
   iteration whose inputs (y, solver and controller states, times) are bitwise
