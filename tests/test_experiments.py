@@ -564,3 +564,20 @@ def test_newton_fit_bfgs():
     )
     assert float(jnp.max(jnp.abs(x - target))) < 1e-6 and value < 1e-10
     assert 0 < iterations <= 20
+
+
+def test_newton_fit_conjugate_gradients():
+    """`newton_fit.conjugate_gradients` (the loop of `jax.scipy.sparse.linalg.cg`,
+    from Python) solves a symmetric positive definite system as `cg` does."""
+    import jax.scipy.sparse.linalg as jsl
+    from experiments import newton_fit
+
+    m = np.random.default_rng(0).normal(size=(4, 4))
+    a = jnp.asarray(m @ m.T + 0.5 * np.eye(4))
+    b = jnp.array([1.0, -2.0, 0.5, 3.0])
+    x = newton_fit.conjugate_gradients(lambda v: a @ v, b, 8, tol=1e-12)
+    np.testing.assert_allclose(a @ x, b, rtol=1e-10, atol=1e-10)
+    ref, _ = jsl.cg(lambda v: a @ v, b, maxiter=2)
+    np.testing.assert_allclose(
+        newton_fit.conjugate_gradients(lambda v: a @ v, b, 2), ref, rtol=1e-12
+    )
