@@ -14,7 +14,8 @@ Sections:
    stencil at N = 100, 1,000, 5,000 and 10,000 steps (memory always, time up to
    10,000), the setting of the EES paper's Kuramoto comparison (Shmelev & Salvi
    2025: reversible 70.5 s / 137.8 s at 5k / 10k steps, recursive checkpointing
-   107.5 s / 219.6 s, on their GPU and model);
+   107.5 s / 219.6 s, on their GPU and model; `--quick`: six float64 steps of the
+   white dwarf);
 3. training steps in the style of diffrax's neural ODE example: an MLP vector field
    (width 64, depth 2) fitted to a batch of 256 trajectories by `jax.vmap`, Tsit5,
    100 save times: the time of one jitted training step per adjoint.
