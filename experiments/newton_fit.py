@@ -9,7 +9,8 @@ log-likelihood `sum((model - data)^2) / (2 sigma^2)` as a function of the
 log-rates theta, the model solved by `Reversible(Tsit5())` with constant steps.
 
 - **Newton-CG** (Levenberg-Marquardt damped): each iteration solves
-  `(H + mu I) p = -g` by conjugate gradients (`jax.scipy.sparse.linalg.cg`), each
+  `(H + mu I) p = -g` by conjugate gradients (`jax.scipy.sparse.linalg.cg`'s
+  loop, from Python around one compiled product), each
   product `H v` being `jax.jvp(jax.grad(loss), (theta,), (v,))` through
   `ReversibleAdjoint`: forward-over-reverse, in memory independent of the number
   of steps. The step is accepted when the loss decreases; `mu` follows the ratio of
@@ -40,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.scipy.optimize as jso
-import jax.scipy.sparse.linalg as jsl
 import numpy as np
 import optax
 import revdiffrax
@@ -120,19 +120,14 @@ def newton_cg(loss, theta, max_iters: int, gtol: float, radius: float = 0.25, hv
     Returns the final point, the number of iterations, of Hessian-vector products,
     and the loss after each iteration."""
     value_and_grad = jax.jit(jax.value_and_grad(loss))
-    grad = jax.grad(loss)
     dim = theta.size
     if hvp is None:
         hvp = jax.jit(hessian_vector_product(loss))
 
-    @jax.jit
     def newton_step(theta, g, mu):
-        def hvp(v):
-            return jax.jvp(grad, (theta,), (v,))[1]
-
-        p, _ = jsl.cg(lambda v: hvp(v) + mu * v, -g, maxiter=2 * dim)
+        p = conjugate_gradients(lambda v: hvp(theta, v) + mu * v, -g, 2 * dim)
         p = p * jnp.minimum(1.0, radius / jnp.linalg.norm(p))
-        predicted = -(g @ p + 0.5 * p @ hvp(p))  # the quadratic model's decrease
+        predicted = -(g @ p + 0.5 * p @ hvp(theta, p))  # the quadratic model's decrease
         return p, predicted
 
     value, g = value_and_grad(theta)
@@ -155,6 +150,25 @@ def newton_cg(loss, theta, max_iters: int, gtol: float, radius: float = 0.25, hv
             mu = max(mu / 4.0, 1e-9)
         history.append(float(value))
     return theta, iteration, products, history
+
+
+def conjugate_gradients(matvec, b, maxiter: int, tol: float = 1e-5):
+    """`x` with `matvec(x) = b`, `matvec` symmetric positive definite: the loop of
+    `jax.scipy.sparse.linalg.cg` (start at zero, stop at `|r| <= tol |b|` or after
+    `maxiter` products), run from Python so that `matvec` may call an already
+    compiled Hessian-vector product (a jitted loop compiles another copy of it:
+    most of `--quick`'s time)."""
+    x, r = jnp.zeros_like(b), b
+    p, gamma, atol2 = r, r @ r, tol**2 * (b @ b)
+    for _ in range(maxiter):
+        if not float(gamma) > float(atol2):
+            break
+        ap = matvec(p)
+        alpha = gamma / (p @ ap)
+        x, r = x + alpha * p, r - alpha * ap
+        gamma, gamma_old = r @ r, gamma
+        p = r + (gamma / gamma_old) * p
+    return x
 
 
 def bfgs(loss, theta, max_iters: int):
@@ -211,8 +225,9 @@ def main(argv=None) -> dict:
 
     rows = {}
 
-    # One compiled Hessian-vector product: its memory, Newton's damping and the
-    # Laplace Hessian (compiling each separately made most of the quick mode's time).
+    # One compiled Hessian-vector product: its memory, Newton's damping, its
+    # conjugate gradients and the Laplace Hessian (compiling each separately made
+    # most of the quick mode's time).
     # Its compilation counts in Newton's wall time.
     def fit():
         hvp, hvp_mib = compiled(hessian_vector_product(loss), theta0, theta0)

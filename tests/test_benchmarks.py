@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 from benchmarks import pareto
 
 
@@ -93,25 +92,10 @@ def test_scaling_cost_model_and_choice():
     assert best is rows[3] and speedup == 2.0
 
 
-def test_scaling_measure_quick():
-    from benchmarks import scaling
-
-    work = scaling.white_dwarf(time_max_n=10**9)
-    rows = scaling.measure(work, 6, jnp.float64, repeats=1, max_recompute=24)
-    labels = [r.label for r in rows]
-    assert labels == ["ReversibleAdjoint", "RCA(2)", "RCA(3)", "RCA(4)", "RCA(6)"]
-    for r in rows:
-        assert r.temp_bytes is not None and r.temp_bytes > 0
-        assert r.time_s is not None and r.time_s > 0
-        # float64 gradients of the same discrete solve agree with the reference.
-        assert r.grad_error is not None and r.grad_error < 1e-9
-    # Six steps are one segment: "auto" makes no checkpoints; the drift is reported.
-    assert rows[0].k == "auto" and rows[0].auto_k is None
-    assert rows[0].drift is not None and rows[0].drift < 1e-12
-
-
 def test_gpu_report_quick(tmp_path, monkeypatch):
-    from benchmarks import gpu
+    """The GPU report's wiring, and `scaling.measure` (its section 2) on six float64
+    steps of the white dwarf: every adjoint's memory, time and gradient error."""
+    from benchmarks import gpu, scaling
 
     # The Pareto part is `pareto.main`, smoke-tested above; here only its wiring.
     calls = []
@@ -120,14 +104,33 @@ def test_gpu_report_quick(tmp_path, monkeypatch):
         calls.append(argv)
         return {"results": {"white dwarf": {"verdict": "V"}}, "report": "r.md"}
 
+    measured, real_measure = [], scaling.measure
+
+    def measure(*args, **kwargs):
+        measured.append(real_measure(*args, **kwargs))
+        return measured[-1]
+
     monkeypatch.setattr(gpu.pareto, "main", fake_pareto)
+    monkeypatch.setattr(scaling, "measure", measure)
     path = gpu.main(["--quick", "--out", str(tmp_path)])
+    (rows,) = measured
+    labels = [r.label for r in rows]
+    assert labels == ["ReversibleAdjoint", "RCA(2)", "RCA(3)", "RCA(4)", "RCA(6)"]
+    for r in rows:
+        assert r.workload == "white dwarf" and r.dtype == "float64" and r.n == 6
+        assert r.temp_bytes is not None and r.temp_bytes > 0
+        assert r.time_s is not None and r.time_s > 0
+        # float64 gradients of the same discrete solve agree with the reference.
+        assert r.grad_error is not None and r.grad_error < 1e-9
+    # Six steps are one segment: "auto" makes no checkpoints; the drift is reported.
+    assert rows[0].k == "auto" and rows[0].auto_k is None
+    assert rows[0].drift is not None and rows[0].drift < 1e-12
     text = open(path).read()
     assert calls and "--only" in calls[0]
     kind = jax.devices()[0].device_kind
     assert text.startswith(f"# GPU report: {kind}")
     assert "- white dwarf: V" in text
-    assert "## 2. Scaling at GPU sizes" in text and "| 8 | RCA(2) |" in text
+    assert "## 2. Scaling at GPU sizes" in text and "| 6 | RCA(2) |" in text
     assert "| RCA, Tsit5 |" in text and "| Reversible, Reversible(Tsit5) |" in text
     if jax.devices()[0].platform != "gpu":
         assert "**Not run on a GPU**" in text

@@ -69,16 +69,21 @@ def test_every_k_gives_the_same_gradient_float64(solver, controller, saveat_kind
     model = eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
     loss = _mlp_loss(solver, controller, saveat_kind)
 
-    def grad_(model, y0, adjoint):
-        return eqx.filter_grad(lambda p: loss(p[0], p[1], adjoint))((model, y0))
+    @eqx.filter_jit
+    def grads(adjoints):
+        # One solve per adjoint, each with its own copy of (model, y0): one
+        # compilation for several adjoints, each gradient on its own.
+        def total(copies):
+            return sum(loss(m, y0, a) for (m, y0), a in zip(copies, adjoints))
+
+        return eqx.filter_grad(total)([(model, _y0)] * len(adjoints))
 
     # (`k=None` itself is checked against RecursiveCheckpointAdjoint in
     # test_adjoint.py.)
-    reference = eqx.filter_jit(grad_)(model, _y0, revdiffrax.ReversibleAdjoint())
-    for k in (1, 7):
-        out = eqx.filter_jit(grad_)(
-            model, _y0, revdiffrax.ReversibleAdjoint(checkpoint_every=k)
-        )
+    (reference,) = grads((revdiffrax.ReversibleAdjoint(),))
+    ks = (1, 7)
+    outs = grads(tuple(revdiffrax.ReversibleAdjoint(checkpoint_every=k) for k in ks))
+    for k, out in zip(ks, outs):
         assert tree_rel_err(out, reference) < 1e-10, k
 
 
@@ -209,7 +214,9 @@ def test_float32_drift_is_reduced():
     theta32 = jnp.asarray(1.0, jnp.float32)
     loss32 = _decay_loss(jnp.float32, 0.95, n_steps)
     loss64 = _decay_loss(jnp.float64, 0.95, n_steps)
-    reference = jax.grad(loss64)(jnp.asarray(1.0), diffrax.RecursiveCheckpointAdjoint())
+    reference = jax.jit(jax.grad(loss64), static_argnums=1)(
+        jnp.asarray(1.0), diffrax.RecursiveCheckpointAdjoint()
+    )
     grad32 = jax.jit(jax.grad(loss32), static_argnums=1)
 
     def run(k):
@@ -278,11 +285,12 @@ def test_drift_is_reported_per_segment_and_tol_raises():
     loss = _decay_loss(jnp.float64, 0.9, 300)
     theta = jnp.asarray(1.0)
     drifts = []
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
     for k in (None, 150, 30):
         adjoint = revdiffrax.ReversibleAdjoint(
             checkpoint_every=k, drift_callback=drifts.append
         )
-        jax.grad(loss)(theta, adjoint)
+        grad(theta, adjoint)
     jax.effects_barrier()
     d_none, d_150, d_30 = (float(d) for d in drifts)
     # Drift grows like coupling^-(segment length).
@@ -295,9 +303,7 @@ def test_drift_is_reported_per_segment_and_tol_raises():
             jax.grad(loss)(theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8))
         )
     # The same tolerance is met once checkpoints bound the drift.
-    g = jax.grad(loss)(
-        theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8, checkpoint_every=30)
-    )
+    g = grad(theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8, checkpoint_every=30))
     assert jnp.isfinite(g)
 
     # An overflowing reconstruction (0.5^-400 in float32) gives a NaN drift, which

@@ -299,7 +299,7 @@ def test_report_from_results(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _check_adjoint_table(result, out_dir, name, plots):
+def _check_adjoint_table(result, out_dir, name, plots, extra_rows=0):
     for f in [f"{name}.json", f"{name}.csv", f"{name}.md", *plots]:
         path = os.path.join(out_dir, f)
         assert os.path.isfile(path) and os.path.getsize(path) > 0, path
@@ -310,7 +310,8 @@ def _check_adjoint_table(result, out_dir, name, plots):
         md = f.read()
     assert "| reversible |" in md and "| direct |" in md and "CPUs" in md
     for records in result["tables"].values():
-        rev, direct = records
+        rev, direct, *others = records
+        assert len(others) == extra_rows
         assert (rev["label"], direct["label"]) == ("reversible", "direct")
         assert rev["trained"] and not direct["trained"]
         assert len(rev["losses"]) == rev["iters"] and len(direct["losses"]) == 2
@@ -386,15 +387,33 @@ def test_digits_odenet_quick(tmp_path):
 
 
 def test_uea_cde_quick(tmp_path):
+    """The quick table, and `checkpoint:N@base` (one run for both: the model and data
+    compile once): the plain base solver gets a row of its own, the same model and
+    minibatches, and losses close to, but unlike those of every adjoint through
+    `Reversible(base)` not equal to, the reversible run's (the coupled scheme is a
+    different discrete model)."""
     from experiments import uea_cde
 
-    result = uea_cde.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    result = uea_cde.main(
+        ["--quick", "--out", str(tmp_path), "--no-progress"]
+        + ["--adjoints", "reversible,direct,checkpoint:N@base"]
+    )
     _check_adjoint_table(
-        result, tmp_path, "uea_cde", ["uea_cde_cost.png", "uea_cde_loss.png"]
+        result,
+        tmp_path,
+        "uea_cde",
+        ["uea_cde_cost.png", "uea_cde_loss.png"],
+        extra_rows=1,
     )
     cfg = result["config"]
     assert (cfg["channels"], cfg["num_classes"], cfg["length"]) == (13, 9, 29)
     assert cfg["steps"] == 28  # one step per observation interval in --quick
+    (rev, direct, base) = next(iter(result["tables"].values()))
+    assert base["label"] == "checkpoint(28) [base solver]" and base["base_solver"]
+    assert not rev["base_solver"] and not direct["base_solver"] and base["ran"]
+    assert 1e-6 < base["loss_rel_diff"] < 1e-2
+    md = (tmp_path / "uea_cde.md").read_text()
+    assert "| checkpoint(28) [base solver] |" in md and "plain base solver" in md
 
 
 def test_japanese_vowels_from_sktime():
@@ -498,24 +517,6 @@ def test_parse_adjoints():
             parse_adjoints(bad, 10)
 
 
-def test_base_solver_row(tmp_path):
-    """`checkpoint:N@base` runs through the plain base solver: a row of its own,
-    the same model and minibatches, and losses close to, but unlike those of every
-    adjoint through `Reversible(base)` not equal to, the reversible run's (the
-    coupled scheme is a different discrete model)."""
-    from experiments import uea_cde
-
-    args = ["--quick", "--out", str(tmp_path), "--no-progress", "--no-plots"]
-    args += ["--adjoints", "reversible,checkpoint:N@base", "--time-iters", "3"]
-    result = uea_cde.main(args)
-    (rev, base) = next(iter(result["tables"].values()))
-    assert base["label"] == "checkpoint(28) [base solver]" and base["base_solver"]
-    assert not rev["base_solver"] and base["ran"]
-    assert 1e-6 < base["loss_rel_diff"] < 1e-2
-    md = (tmp_path / "uea_cde.md").read_text()
-    assert "| checkpoint(28) [base solver] |" in md and "plain base solver" in md
-
-
 def test_base_solver_speedups_quick(tmp_path):
     """The side-by-side timing of reversible, checkpointing through
     `Reversible(base)` and through the plain base solver writes one row each."""
@@ -564,3 +565,20 @@ def test_newton_fit_bfgs():
     )
     assert float(jnp.max(jnp.abs(x - target))) < 1e-6 and value < 1e-10
     assert 0 < iterations <= 20
+
+
+def test_newton_fit_conjugate_gradients():
+    """`newton_fit.conjugate_gradients` (the loop of `jax.scipy.sparse.linalg.cg`,
+    from Python) solves a symmetric positive definite system as `cg` does."""
+    import jax.scipy.sparse.linalg as jsl
+    from experiments import newton_fit
+
+    m = np.random.default_rng(0).normal(size=(4, 4))
+    a = jnp.asarray(m @ m.T + 0.5 * np.eye(4))
+    b = jnp.array([1.0, -2.0, 0.5, 3.0])
+    x = newton_fit.conjugate_gradients(lambda v: a @ v, b, 8, tol=1e-12)
+    np.testing.assert_allclose(a @ x, b, rtol=1e-10, atol=1e-10)
+    ref, _ = jsl.cg(lambda v: a @ v, b, maxiter=2)
+    np.testing.assert_allclose(
+        newton_fit.conjugate_gradients(lambda v: a @ v, b, 2), ref, rtol=1e-12
+    )
