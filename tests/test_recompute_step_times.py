@@ -181,9 +181,10 @@ def test_vmap_gradients_equal_rca(monkeypatch):
 
 
 def test_auto_records_out_of_scope(monkeypatch):
-    """ "auto" (the default) recomputes where that stores less than the record
-    (`max_steps=4096`, not 256), records the step times with an event (out of
-    scope), and an explicit "recompute" there, or with a differentiated `t1`, is
+    """ "auto" (the default) recomputes where that can save 64 KiB
+    (`max_steps=65536` for one float64 solve; not 4096, 16 KiB, where one more
+    forward solve would buy too little), records the step times with an event (out
+    of scope), and an explicit "recompute" there, or with a differentiated `t1`, is
     refused by name (all at trace time)."""
     solver = revdiffrax.Reversible(diffrax.Tsit5())
     event = diffrax.Event(lambda t, y, args, **kw: y[0] < -0.5)
@@ -200,11 +201,11 @@ def test_auto_records_out_of_scope(monkeypatch):
 
     auto = revdiffrax.ReversibleAdjoint(step_times="auto")
     assert revdiffrax.ReversibleAdjoint().step_times == "auto"
-    trace(auto, max_steps=4096)
+    trace(auto, max_steps=65536)
     assert counter.count == 1  # ("auto" recomputes without the event)
-    trace(auto, max_steps=256)  # (the low halves of 256 times alone are 128)
+    trace(auto, max_steps=4096)  # (at most 16 KiB to save)
     assert counter.count == 1
-    trace(auto, event=event, max_steps=4096)
+    trace(auto, event=event, max_steps=65536)
     assert counter.count == 1
     explicit = revdiffrax.ReversibleAdjoint(step_times="recompute")
     with pytest.raises(ValueError, match='step_times="record"'):
