@@ -231,10 +231,10 @@ class RestartRecord(eqx.Module):
         n = new_state.num_accepted_steps
         accepted = n > state.num_accepted_steps
         dtype = self.before.dtype
-        t = jnp.where(accepted, new_state.tprev, 0).astype(dtype)
+        t_n = new_state.tprev.astype(dtype)
+        t = jnp.where(accepted, t_n, 0)
         # Out of range (so dropped) unless the step was accepted.
         slot = jnp.where(accepted, (n - 1) % every, every)
-        t_n = new_state.tprev.astype(dtype)
         last = self.last.at[slot].set(t_n, mode="drop")
         at = jnp.clip(n - 1, 0, self.max_steps - 1)
         low = eqxi.buffer_at_set(self.low, at, low_bits(t_n), pred=accepted)
