@@ -163,8 +163,15 @@ def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
 # Measurement
 
 
-def measure(work: Workload, repeats: int, memory_only: bool, max_memory: int) -> dict:
-    """Compile (and time) every adjoint on `work`; one JSON-able dict."""
+def measure(
+    work: Workload,
+    repeats: int,
+    memory_only: bool,
+    max_memory: int,
+    min_sample_s: float = MIN_SAMPLE_S,
+) -> dict:
+    """Compile (and time) every adjoint on `work`; one JSON-able dict. Calls shorter
+    than `min_sample_s` are repeated within one timing sample."""
     rows: dict[str, dict] = {}
     compiled: dict[str, Any] = {}
     params = None
@@ -213,7 +220,7 @@ def measure(work: Workload, repeats: int, memory_only: bool, max_memory: int) ->
         fns = {k: (f, (params, work.data)) for k, f in (compiled | forwards).items()}
         fns = {k: (lambda a, f=f: f(*a), x) for k, (f, x) in fns.items()}
         tic = time.perf_counter()
-        times = interleaved_times(fns, repeats, min_sample_s=MIN_SAMPLE_S)
+        times = interleaved_times(fns, repeats, min_sample_s=min_sample_s)
         print(f"  timed in {time.perf_counter() - tic:.0f} s", flush=True)
         for label in compiled:
             rows[label]["time_s"], rows[label]["min_s"] = times[label]
@@ -739,7 +746,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         work = make()
         print(f"{name} (N={work.num_steps}): {work.description}", flush=True)
         tic = time.perf_counter()
-        result = measure(work, args.repeats, args.memory_only, max_memory)
+        # `--quick` times each call once: its times only show that the rows run.
+        min_sample_s = 0.0 if args.quick else MIN_SAMPLE_S
+        result = measure(work, args.repeats, args.memory_only, max_memory, min_sample_s)
         result.update(
             command=command,
             machine=machine,

@@ -81,7 +81,7 @@ def _reference(problem):
     if problem == "mult":
         w = jax.vmap(lambda key: _tree(key).evaluate(0.0, T)[0])(KEYS)
         return jnp.sinh(jnp.arcsinh(Y0) + A * T + B * w)
-    return _solve_batch(diffrax.ShARK(), problem, REF_STEPS)(KEYS, T / REF_STEPS)[0]
+    return _batch("ShARK", False, problem)(KEYS, T / REF_STEPS)[0]
 
 
 SOLVERS = {
@@ -99,10 +99,19 @@ def _make(name, reversible):
 
 
 @functools.cache
+def _batch(name, reversible, problem):
+    """`_solve_batch` compiled once per solver and problem. On the additive problem
+    `max_steps` allows the reference's steps, so that ShARK's reference and its
+    errors share one compilation."""
+    max_steps = REF_STEPS if problem == "add" else max(NS)
+    return _solve_batch(_make(name, reversible), problem, max_steps)
+
+
+@functools.cache
 def _errors(name, reversible, problem):
     """RMS error at T over the batch of Brownian paths, for each step count in NS."""
     exact = _reference(problem)
-    f = _solve_batch(_make(name, reversible), problem, max(NS))
+    f = _batch(name, reversible, problem)
     errs = []
     for n in NS:
         y, _ = f(KEYS, T / n)

@@ -3,6 +3,7 @@ for small states, by diffrax's stage loop for larger ones (`unroll_stages`); exa
 gradients either way, and the size rule."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -55,7 +56,7 @@ def test_unroll_stages_gradients(base, unroll, case):
         saveat = diffrax.SaveAt(t1=True)
         controller = diffrax.ConstantStepSize()
     solver = revdiffrax.Reversible(base, unroll_stages=unroll)
-    grad = jax.grad(_loss, argnums=(0, 1))
+    grad = eqx.filter_jit(jax.grad(_loss, argnums=(0, 1)))  # jitted: one program
     ours = grad(args, y0, revdiffrax.ReversibleAdjoint(), solver, saveat, controller)
     ref = grad(
         args, y0, diffrax.RecursiveCheckpointAdjoint(), solver, saveat, controller
