@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import revdiffrax
-from helpers import tree_rel_err
+from helpers import RCA_ALL_STEPS, tree_rel_err
 from revdiffrax._adjoint.auto_checkpoint import (
     auto_segment,
     resolve_checkpoint_every,
@@ -99,7 +99,7 @@ def test_auto_gradient_equals_rca_float64():
     auto = revdiffrax.ReversibleAdjoint(
         checkpoint_every="auto", drift_callback=drifts.append
     )
-    rca = diffrax.RecursiveCheckpointAdjoint()
+    rca = RCA_ALL_STEPS
     g_auto = jax.grad(_decay_loss(solver, auto, jnp.float64, 100, 0.05), (0, 1))(a, y0)
     g_rca = jax.grad(_decay_loss(solver, rca, jnp.float64, 100, 0.05), (0, 1))(a, y0)
     assert tree_rel_err(g_auto, g_rca) < 1e-9

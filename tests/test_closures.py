@@ -5,10 +5,10 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import revdiffrax
-from helpers import GRAD_RTOL, tree_rel_err
+from helpers import GRAD_RTOL, RCA_ALL_STEPS, tree_rel_err
 
 
-RCA = diffrax.RecursiveCheckpointAdjoint()
+RCA = RCA_ALL_STEPS
 REV = revdiffrax.ReversibleAdjoint()
 
 

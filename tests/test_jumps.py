@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 import revdiffrax
-from helpers import GRAD_RTOL, tree_rel_err
+from helpers import GRAD_RTOL, RCA_ALL_STEPS, tree_rel_err
 
 
-RCA = diffrax.RecursiveCheckpointAdjoint()
+RCA = RCA_ALL_STEPS
 # A tight drift tolerance: the drift is also measured at each stored start.
 REV = revdiffrax.ReversibleAdjoint(drift_tol=1e-10)
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import revdiffrax
-from helpers import GRAD_RTOL, tree_rel_err
+from helpers import GRAD_RTOL, RCA_ALL_STEPS, tree_rel_err
 
 
-RCA = diffrax.RecursiveCheckpointAdjoint()
+RCA = RCA_ALL_STEPS
 REV = revdiffrax.ReversibleAdjoint()
 SAVE_TS = jnp.array([0.0, 0.25, 0.61, 1.3, 1.9])
 

@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import numpy as np
 import pytest
 import revdiffrax
+from helpers import RCA_ALL_STEPS
 
 
 # y' = A y, rotation with decay: y(t) = exp(-0.1 t) Rot(2 t) y0.
@@ -287,7 +288,7 @@ def test_diffrax_adjoints(name):
     rca = jax.jit(
         jax.vmap(
             jax.value_and_grad(
-                lambda a, y: loss(a, y, diffrax.RecursiveCheckpointAdjoint()),
+                lambda a, y: loss(a, y, RCA_ALL_STEPS),
                 argnums=(0, 1),
             ),
             in_axes=(None, 0),

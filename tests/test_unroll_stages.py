@@ -10,7 +10,7 @@ import jax.random as jr
 import pytest
 import revdiffrax
 import revdiffrax._solver.erk as erk
-from helpers import GRAD_RTOL, tree_rel_err
+from helpers import GRAD_RTOL, RCA_ALL_STEPS, tree_rel_err
 
 
 def _vector_field(t, y, args):
@@ -58,9 +58,7 @@ def test_unroll_stages_gradients(base, unroll, case):
     solver = revdiffrax.Reversible(base, unroll_stages=unroll)
     grad = eqx.filter_jit(jax.grad(_loss, argnums=(0, 1)))  # jitted: one program
     ours = grad(args, y0, revdiffrax.ReversibleAdjoint(), solver, saveat, controller)
-    ref = grad(
-        args, y0, diffrax.RecursiveCheckpointAdjoint(), solver, saveat, controller
-    )
+    ref = grad(args, y0, RCA_ALL_STEPS, solver, saveat, controller)
     assert tree_rel_err(ours, ref) < GRAD_RTOL
 
 
