@@ -88,10 +88,10 @@ def pytree_loss(params, y0, solver, saveat, controller, adjoint):
 
 def _grads(solver, saveat, controller):
     p = (MLP_FIELD, jnp.array(0.8))
-    g = eqx.filter_jit(eqx.filter_grad(pytree_loss))
-    g_rev = g(p, PY0, solver, saveat, controller, REV)
-    g_rca = g(p, PY0, solver, saveat, controller, RCA)
-    return g_rev, g_rca
+    g = eqx.filter_grad(pytree_loss)
+    # Both adjoints in one compilation.
+    config = (solver, saveat, controller)
+    return eqx.filter_jit(lambda p, y0: both_adjoints(g, p, y0, *config))(p, PY0)
 
 
 def simple_loss(y0, a, solver, saveat, controller, adjoint):
@@ -111,25 +111,54 @@ def simple_loss(y0, a, solver, saveat, controller, adjoint):
     return jnp.sum(jnp.sin(sol.ys))
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_every_solver(name):
+def assert_cases_agree(grads: dict[str, tuple[PyTree, PyTree]]) -> None:
+    """Each case's `(ours, reference)` gradients agree to `GRAD_RTOL`; the message
+    names every case that does not. (Cases compiled as one program are compared
+    one by one.)"""
+    errors = {name: tree_rel_err(ours, ref) for name, (ours, ref) in grads.items()}
+    failed = {name: err for name, err in errors.items() if not err < GRAD_RTOL}
+    assert not failed, f"relative error above {GRAD_RTOL}: {failed}"
+
+
+def both_adjoints(grad, *args):
+    """`(grad(*args, REV), grad(*args, RCA))`: the caller jits them as one
+    program."""
+    return grad(*args, REV), grad(*args, RCA)
+
+
+# Two groups of solvers (low and high order), each compiled as one program.
+EVERY_SOLVER_GROUPS = {
+    "low order": [k for k in sorted(SOLVERS) if "Tsit5" not in k and "Dopri" not in k],
+    "high order": [k for k in sorted(SOLVERS) if "Tsit5" in k or "Dopri" in k],
+}
+
+
+@pytest.mark.parametrize("group", list(EVERY_SOLVER_GROUPS))
+def test_every_solver(group):
     # Adaptive solvers under a PID controller (accepted and rejected steps), the others
     # with constant steps. Constant steps through an adaptive base run the same step
     # and backward step (only the step times differ), and are checked on Bosh3 by
     # `test_other_controllers_pytree_mlp` and on Tsit5 by `test_time_gradients` and
     # `test_time_gradients_follow_diffrax_step_times`; running them here too doubled
-    # this test's compile time. The gradient is jitted whole: one compilation per
-    # adjoint instead of a dozen eager ones.
-    solver = SOLVERS[name]
-    if name in ADAPTIVE:
-        controller = diffrax.PIDController(rtol=1e-4, atol=1e-6)
-    else:
-        controller = diffrax.ConstantStepSize()
-    g = eqx.filter_jit(jax.grad(simple_loss, argnums=(0, 1)))
+    # this test's compile time. Every solver's gradients of a group (both adjoints)
+    # are one jitted program, compared solver by solver: one compilation instead of
+    # two per solver.
     saveat = diffrax.SaveAt(ts=TS, t1=True)
-    g_rev = g(Y0, A, solver, saveat, controller, REV)
-    g_rca = g(Y0, A, solver, saveat, controller, RCA)
-    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
+
+    def controller(name):
+        if name in ADAPTIVE:
+            return diffrax.PIDController(rtol=1e-4, atol=1e-6)
+        return diffrax.ConstantStepSize()
+
+    @jax.jit
+    def grads(y0, a):
+        g = jax.grad(simple_loss, argnums=(0, 1))
+        return {
+            name: both_adjoints(g, y0, a, SOLVERS[name], saveat, controller(name))
+            for name in EVERY_SOLVER_GROUPS[group]
+        }
+
+    assert_cases_agree(grads(Y0, A))
 
 
 def test_pid_really_rejects_steps():
@@ -165,14 +194,24 @@ def test_saveat_modes_pytree_mlp_pid():
     assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
-@pytest.mark.parametrize(
-    "controller",
-    [diffrax.ConstantStepSize(), diffrax.StepTo(jnp.linspace(0.0, 2.0, 23))],
-    ids=["constant", "stepto"],
-)
-def test_other_controllers_pytree_mlp(controller):
-    g_rev, g_rca = _grads(SOLVERS["Reversible(Bosh3)"], SAVEATS["ts"], controller)
-    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
+def test_other_controllers_pytree_mlp():
+    # Both controllers and both adjoints in one jitted program, compared controller
+    # by controller.
+    controllers = {
+        "constant": diffrax.ConstantStepSize(),
+        "stepto": diffrax.StepTo(jnp.linspace(0.0, 2.0, 23)),
+    }
+    solver, saveat = SOLVERS["Reversible(Bosh3)"], SAVEATS["ts"]
+
+    @eqx.filter_jit
+    def grads(p, y0):
+        g = eqx.filter_grad(pytree_loss)
+        return {
+            name: both_adjoints(g, p, y0, solver, saveat, controller)
+            for name, controller in controllers.items()
+        }
+
+    assert_cases_agree(grads((MLP_FIELD, jnp.array(0.8)), PY0))
 
 
 def time_loss(t0, t1, ts, adjoint, controller):
@@ -211,8 +250,8 @@ def test_time_gradients():
         )
 
     times = {name: (0.0, 0.97, ts) for name in TIME_CONTROLLERS}
-    grad = jax.jit(jax.grad(total), static_argnums=1)
-    g_revs, g_rcas = grad(times, REV), grad(times, RCA)
+    # Both adjoints in one compilation.
+    g_revs, g_rcas = jax.jit(lambda x: both_adjoints(jax.grad(total), x))(times)
     for name, controller in TIME_CONTROLLERS.items():
         g_rev = g_revs[name]
         assert tree_rel_err(g_rev, g_rcas[name]) < GRAD_RTOL, name
@@ -243,9 +282,9 @@ def test_t0_equals_t1():
         )
         return jnp.sum(sol.ys**2)
 
-    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
-    g = grad(Y0, REV)
-    assert np.allclose(g, grad(Y0, RCA))
+    # Both adjoints in one compilation.
+    g, g_rca = jax.jit(lambda y0: both_adjoints(jax.grad(loss), y0))(Y0)
+    assert np.allclose(g, g_rca)
     assert np.allclose(g, 8 * Y0)
 
 
@@ -264,8 +303,10 @@ def test_backwards_in_time():
         )
         return jnp.sum(sol.ys**2)
 
-    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-    assert tree_rel_err(g(Y0, -0.3, REV), g(Y0, -0.3, RCA)) < GRAD_RTOL
+    grad = jax.grad(loss, argnums=(0, 1))
+    # Both adjoints in one compilation.
+    g_rev, g_rca = jax.jit(lambda y0, t1: both_adjoints(grad, y0, t1))(Y0, -0.3)
+    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
 def _pid_loss(y0, adjoint):
@@ -285,11 +326,15 @@ def _pid_loss(y0, adjoint):
 
 def test_jit_vmap_of_grad_and_grad_of_vmap():
     ys = jnp.stack([Y0, 2 * Y0, 0.1 * Y0])
-    expected = jax.jit(
-        jax.vmap(jax.grad(_pid_loss), in_axes=(0, None)), static_argnums=1
-    )(ys, RCA)
-    vg = jax.jit(jax.vmap(jax.grad(_pid_loss), in_axes=(0, None)))(ys, REV)
-    gv = jax.grad(lambda y: jnp.sum(jax.vmap(_pid_loss, in_axes=(0, None))(y, REV)))(ys)
+
+    @jax.jit  # the three in one compilation
+    def everything(ys):
+        expected = jax.vmap(jax.grad(_pid_loss), in_axes=(0, None))(ys, RCA)
+        vg = jax.vmap(jax.grad(_pid_loss), in_axes=(0, None))(ys, REV)
+        gv = jax.grad(lambda y: jnp.sum(jax.vmap(_pid_loss, (0, None))(y, REV)))(ys)
+        return expected, vg, gv
+
+    expected, vg, gv = everything(ys)
     assert tree_rel_err(vg, expected) < GRAD_RTOL
     assert tree_rel_err(gv, expected) < GRAD_RTOL
 
@@ -308,8 +353,9 @@ def test_closure_over_traced_parameter():
         )
         return jnp.sum(sol.ys)
 
-    g = jax.jit(jax.grad(loss), static_argnums=1)
-    assert tree_rel_err(g(A, REV), g(A, RCA)) < GRAD_RTOL
+    # Both adjoints in one compilation.
+    g_rev, g_rca = jax.jit(lambda a: both_adjoints(jax.grad(loss), a))(A)
+    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
 SDE_DT = 0.05
@@ -323,10 +369,10 @@ class GridBrownianPath(diffrax.AbstractBrownianPath):
     The same path on every call, as `VirtualBrownianTree` (the reversible backward
     pass evaluates each increment again), but a table look-up: a gradient through
     `VirtualBrownianTree` compiles about 2.6x as long (its evaluation, a loop, is
-    inlined at every stage). `VirtualBrownianTree` itself is covered by the Heun and
-    `ReversibleHeun` cases of `test_sde`, PyTree-shaped in
-    `test_sde_general_noise_and_pytree_brownian_motion`, and by the other SDE
-    tests."""
+    inlined at every stage). `VirtualBrownianTree` itself is covered by the
+    `ReversibleHeun` and `LeapfrogMidpoint` cases of `test_sde`, PyTree-shaped
+    through `Reversible(Heun)` in `test_sde_general_noise_and_pytree_brownian_motion`,
+    and by the other SDE tests."""
 
     w: PyTree[Float[Array, "steps ..."]]
     h: PyTree[Float[Array, "steps ..."]]
@@ -371,7 +417,7 @@ def _grid_brownian_path(key, shape=jax.ShapeDtypeStruct((2,), jnp.float64)):
 
 
 def _sde_loss(y0, p, solver, adjoint, additive, tree=True):
-    if tree:  # Heun and ReversibleHeun: Brownian increments are all they need
+    if tree:  # multistep solvers: Brownian increments are all they need
         bm = diffrax.VirtualBrownianTree(
             0.0,
             1.0,
@@ -405,73 +451,82 @@ def _sde_loss(y0, p, solver, adjoint, additive, tree=True):
     return jnp.sum(sol.ys**2)
 
 
-@pytest.mark.parametrize(
-    "base,additive,tree",
-    [
-        (diffrax.Heun(), False, True),
-        (diffrax.Midpoint(), False, False),
-        (diffrax.SlowRK(), False, False),
-        (diffrax.SPaRK(), False, False),
-        (diffrax.ShARK(), True, False),
-        (None, False, True),
-        # A multistep state holding a time: linearised without differentiating it
-        # (the tree refuses time tangents; `detach_state_times`).
-        ("LeapfrogMidpoint", False, True),
-    ],
-    ids=[
-        "Heun",
-        "Midpoint",
-        "SlowRK",
-        "SPaRK",
-        "ShARK",
-        "ReversibleHeun",
-        "LeapfrogMidpoint",
-    ],
-)
-def test_sde(base, additive, tree):
-    if base is None:
-        solver = revdiffrax.ReversibleHeun()
-    elif base == "LeapfrogMidpoint":
-        solver = revdiffrax.LeapfrogMidpoint()
+# name: (solver, additive noise, Brownian motion a `VirtualBrownianTree` (else a
+# `GridBrownianPath`)).
+SDE_CASES = {
+    # `Reversible(Heun)` through a (PyTree) `VirtualBrownianTree`:
+    # `test_sde_general_noise_and_pytree_brownian_motion`.
+    "Heun": (revdiffrax.Reversible(diffrax.Heun()), False, False),
+    "Midpoint": (revdiffrax.Reversible(diffrax.Midpoint()), False, False),
+    "SlowRK": (revdiffrax.Reversible(diffrax.SlowRK()), False, False),
+    "SPaRK": (revdiffrax.Reversible(diffrax.SPaRK()), False, False),
+    "ShARK": (revdiffrax.Reversible(diffrax.ShARK()), True, False),
+    "ReversibleHeun": (revdiffrax.ReversibleHeun(), False, True),
+    # A multistep state holding a time: linearised without differentiating it
+    # (the tree refuses time tangents; `detach_state_times`).
+    "LeapfrogMidpoint": (revdiffrax.LeapfrogMidpoint(), False, True),
+}
+# Two groups, each compiled as one program (both adjoints of every case).
+SDE_GROUPS = {
+    "tree": [k for k, case in SDE_CASES.items() if case[2]],
+    "grid": [k for k, case in SDE_CASES.items() if not case[2]],
+}
+
+
+@pytest.mark.parametrize("group", list(SDE_GROUPS))
+def test_sde(group):
+    @jax.jit
+    def grads(y0, a):
+        g = jax.grad(_sde_loss, argnums=(0, 1))
+        return {
+            name: (
+                g(y0, a, SDE_CASES[name][0], REV, *SDE_CASES[name][1:]),
+                g(y0, a, SDE_CASES[name][0], RCA, *SDE_CASES[name][1:]),
+            )
+            for name in SDE_GROUPS[group]
+        }
+
+    assert_cases_agree(grads(Y0, A))
+
+
+def _cde_loss(xs, p, ts, interpolation, adjoint):
+    if interpolation == "linear":
+        path = diffrax.LinearInterpolation(ts, xs)
     else:
-        solver = revdiffrax.Reversible(base)
-    g = eqx.filter_jit(jax.grad(_sde_loss, argnums=(0, 1)))
-    g_rev = g(Y0, A, solver, REV, additive, tree)
-    g_rca = g(Y0, A, solver, RCA, additive, tree)
-    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
+        coeffs = diffrax.backward_hermite_coefficients(ts, xs)
+        path = diffrax.CubicInterpolation(ts, coeffs)
+    term = diffrax.ControlTerm(
+        lambda t, y, a: jnp.tanh(a * jnp.outer(y, jnp.ones(2))), path
+    )
+    sol = diffrax.diffeqsolve(
+        term,
+        SOLVERS["Reversible(Tsit5)"],
+        0.0,
+        1.0,
+        0.02,
+        jnp.array([0.5, 1.0]),
+        args=p,
+        adjoint=adjoint,
+    )
+    return jnp.sum(sol.ys**2)
 
 
-@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
-def test_cde_gradient_flows_to_data(interpolation):
+def test_cde_gradient_flows_to_data():
     ts = jnp.sort(jax.random.uniform(jax.random.PRNGKey(1), (20,)))
     ts = ts.at[0].set(0.0).at[-1].set(1.0)
     xs = jnp.stack([ts, jnp.sin(6 * ts)], -1)
 
-    def loss(xs, p, adjoint):
-        if interpolation == "linear":
-            path = diffrax.LinearInterpolation(ts, xs)
-        else:
-            coeffs = diffrax.backward_hermite_coefficients(ts, xs)
-            path = diffrax.CubicInterpolation(ts, coeffs)
-        term = diffrax.ControlTerm(
-            lambda t, y, a: jnp.tanh(a * jnp.outer(y, jnp.ones(2))), path
-        )
-        sol = diffrax.diffeqsolve(
-            term,
-            SOLVERS["Reversible(Tsit5)"],
-            0.0,
-            1.0,
-            0.02,
-            jnp.array([0.5, 1.0]),
-            args=p,
-            adjoint=adjoint,
-        )
-        return jnp.sum(sol.ys**2)
+    @jax.jit  # both interpolations and both adjoints in one compilation
+    def grads(xs, p, ts):
+        grad = jax.grad(_cde_loss, argnums=(0, 1))
+        return {
+            kind: both_adjoints(grad, xs, p, ts, kind) for kind in ("linear", "cubic")
+        }
 
-    g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-    g_rev = g(xs, jnp.array(0.7), REV)
-    assert tree_rel_err(g_rev, g(xs, jnp.array(0.7), RCA)) < GRAD_RTOL
-    assert float(jnp.max(jnp.abs(g_rev[0]))) > 0
+    results = grads(xs, jnp.array(0.7), ts)
+    assert_cases_agree(results)
+    for kind, (g_rev, _) in results.items():
+        assert float(jnp.max(jnp.abs(g_rev[0]))) > 0, kind
 
 
 def test_sde_general_noise_and_pytree_brownian_motion():
@@ -514,15 +569,23 @@ def test_sde_general_noise_and_pytree_brownian_motion():
         )
         return jnp.sum(sol.ys**2)
 
-    g = eqx.filter_jit(jax.grad(loss, argnums=(0, 1)))
     # The PyTree `VirtualBrownianTree` through one solver; the other on the cheaper
-    # grid path of the same shape (see `GridBrownianPath`).
-    for solver, bm in (
-        (revdiffrax.Reversible(diffrax.Heun()), tree),
-        (revdiffrax.ReversibleHeun(), grid),
-    ):
-        g_rev, g_rca = g(Y0, A, solver, REV, bm), g(Y0, A, solver, RCA, bm)
-        assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
+    # grid path of the same shape (see `GridBrownianPath`). Both solvers and both
+    # adjoints in one jitted program.
+    cases = {
+        "Reversible(Heun), tree": (revdiffrax.Reversible(diffrax.Heun()), tree),
+        "ReversibleHeun, grid": (revdiffrax.ReversibleHeun(), grid),
+    }
+
+    @eqx.filter_jit
+    def grads(y0, a, cases):
+        g = jax.grad(loss, argnums=(0, 1))
+        return {
+            name: (g(y0, a, solver, REV, bm), g(y0, a, solver, RCA, bm))
+            for name, (solver, bm) in cases.items()
+        }
+
+    assert_cases_agree(grads(Y0, A, cases))
 
 
 def test_semi_implicit_euler():
@@ -544,8 +607,9 @@ def test_semi_implicit_euler():
         return jnp.sum(sol.ys[0] ** 2 + sol.ys[1])
 
     y0 = (jnp.array([0.3]), jnp.array([1.0]))
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    assert tree_rel_err(grad(y0, REV), grad(y0, RCA)) < GRAD_RTOL
+    # Both adjoints in one compilation.
+    g_rev, g_rca = jax.jit(lambda y0: both_adjoints(jax.grad(loss), y0))(y0)
+    assert tree_rel_err(g_rev, g_rca) < GRAD_RTOL
 
 
 def test_float32_tolerance():
@@ -574,10 +638,17 @@ def test_float32_tolerance():
     m64 = jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, field
     )
-    grad = eqx.filter_jit(eqx.filter_grad(loss))  # one compilation per gradient
-    ref = grad(m64, y32.astype(jnp.float64), RCA, jnp.float64)
-    g_rev = grad(field, y32, REV, jnp.float32)
-    g_rca = grad(field, y32, RCA, jnp.float32)
+
+    @eqx.filter_jit  # the three gradients in one compilation
+    def grads(m64, y64, m32, y32):
+        grad = eqx.filter_grad(loss)
+        return (
+            grad(m64, y64, RCA, jnp.float64),
+            grad(m32, y32, REV, jnp.float32),
+            grad(m32, y32, RCA, jnp.float32),
+        )
+
+    ref, g_rev, g_rca = grads(m64, y32.astype(jnp.float64), field, y32)
     assert jax.tree_util.tree_leaves(g_rev)[0].dtype == jnp.float32
     assert tree_rel_err(g_rev, ref) < 1e-4
     assert tree_rel_err(g_rev, ref) < 100 * max(tree_rel_err(g_rca, ref), 1e-7)
@@ -746,49 +817,64 @@ def test_dense_saveat_ts_against_direct_adjoint():
         return jnp.mean((sol.ys - 0.5) ** 2)
 
     g = jax.grad(loss, argnums=(0, 1))
-    assert tree_rel_err(g(Y0, A, REV), g(Y0, A, diffrax.DirectAdjoint())) < GRAD_RTOL
+    # Both adjoints in one compilation.
+    g_rev, g_direct = jax.jit(lambda *x: (g(*x, REV), g(*x, diffrax.DirectAdjoint())))(
+        Y0, A
+    )
+    assert tree_rel_err(g_rev, g_direct) < GRAD_RTOL
 
 
-@pytest.mark.parametrize(
-    "solver, controller, dt0_kind",
-    [
-        # dt0 does not divide t1 - t0: diffrax takes a first step of dt0, then splits
-        # the rest of the interval uniformly.
-        (revdiffrax.ReversibleHeun(), diffrax.ConstantStepSize(), "constant"),
-        (revdiffrax.AsynchronousLeapfrog(), diffrax.ConstantStepSize(), "constant"),
-        (
-            revdiffrax.Reversible(diffrax.Tsit5()),
-            diffrax.ConstantStepSize(),
-            "constant",
-        ),
-        # A dt0 computed from (t0, t1) scales every adaptive step.
-        (
-            revdiffrax.Reversible(diffrax.Tsit5()),
-            diffrax.PIDController(rtol=1e-5, atol=1e-5),
-            "traced",
-        ),
-    ],
-)
-def test_time_gradients_follow_diffrax_step_times(solver, controller, dt0_kind):
-    def loss(t0, t1, theta, adjoint):
-        dt0 = 0.07 if dt0_kind == "constant" else (t1 - t0) / 20
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, a: -a * y * jnp.cos(t)),
-            solver,
-            t0,
-            t1,
-            dt0,
-            jnp.array([1.0, 2.0]),
-            args=theta,
-            stepsize_controller=controller,
-            saveat=diffrax.SaveAt(ts=jnp.linspace(0.3, 1.0, 4), t1=True),
-            adjoint=adjoint,
-            max_steps=500,
-        )
-        return jnp.sum(sol.ys**2)
+FOLLOW_CASES = {
+    # dt0 does not divide t1 - t0: diffrax takes a first step of dt0, then splits
+    # the rest of the interval uniformly.
+    "ReversibleHeun": (revdiffrax.ReversibleHeun(), diffrax.ConstantStepSize(), "c"),
+    "AsynchronousLeapfrog": (
+        revdiffrax.AsynchronousLeapfrog(),
+        diffrax.ConstantStepSize(),
+        "c",
+    ),
+    "Reversible(Tsit5)": (
+        revdiffrax.Reversible(diffrax.Tsit5()),
+        diffrax.ConstantStepSize(),
+        "c",
+    ),
+    # A dt0 computed from (t0, t1) scales every adaptive step.
+    "Reversible(Tsit5), PID, traced dt0": (
+        revdiffrax.Reversible(diffrax.Tsit5()),
+        diffrax.PIDController(rtol=1e-5, atol=1e-5),
+        "traced",
+    ),
+}
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-    ours = grad(0.1, 1.0, 0.7, revdiffrax.ReversibleAdjoint())
-    reference = grad(0.1, 1.0, 0.7, diffrax.RecursiveCheckpointAdjoint())
-    for a, b in zip(ours, reference):
-        assert abs(float(a) - float(b)) < GRAD_RTOL * (1 + abs(float(b)))
+
+def _follow_loss(t0, t1, theta, solver, controller, dt0_kind, adjoint):
+    dt0 = 0.07 if dt0_kind == "c" else (t1 - t0) / 20
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: -a * y * jnp.cos(t)),
+        solver,
+        t0,
+        t1,
+        dt0,
+        jnp.array([1.0, 2.0]),
+        args=theta,
+        stepsize_controller=controller,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.3, 1.0, 4), t1=True),
+        adjoint=adjoint,
+        max_steps=500,
+    )
+    return jnp.sum(sol.ys**2)
+
+
+def test_time_gradients_follow_diffrax_step_times():
+    # Every case and both adjoints in one jitted program, compared case by case.
+    @jax.jit
+    def grads(t0, t1, theta):
+        grad = jax.grad(_follow_loss, argnums=(0, 1, 2))
+        return {
+            name: both_adjoints(grad, t0, t1, theta, *case)
+            for name, case in FOLLOW_CASES.items()
+        }
+
+    for name, (ours, reference) in grads(0.1, 1.0, 0.7).items():
+        for i, (a, b) in enumerate(zip(ours, reference)):
+            assert abs(float(a) - float(b)) < GRAD_RTOL * (1 + abs(float(b))), (name, i)

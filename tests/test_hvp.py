@@ -38,24 +38,6 @@ SOLVERS = {
 }
 
 
-def check_hvp(loss, params, tangent, *args, adjoint=REV):
-    grad, product = hvp(loss, params, tangent, adjoint, *args)
-    grad_ref, product_ref = hvp(loss, params, tangent, DIRECT, *args)
-    assert tree_rel_err(grad, grad_ref) < GRAD_RTOL
-    assert tree_rel_err(product, product_ref) < GRAD_RTOL
-    # Not a trivially passing comparison: the product depends on every input.
-    for leaf in jax.tree_util.tree_leaves(product):
-        assert float(jnp.max(jnp.abs(leaf))) > 1e-6
-
-
-@pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_hvp_every_solver_constant_steps(name):
-    check_hvp(
-        ode_loss, PARAMS, TANGENT, SOLVERS[name], diffrax.ConstantStepSize(),
-        SAVEATS["ts"],
-    )  # fmt: skip
-
-
 # `SaveAt(t1)` and `SaveAt(steps)` as two `SubSaveAt`s of one solve: one compilation
 # instead of two (diffrax turns every `SaveAt` into `SubSaveAt`s, so each mode takes
 # the same path as on its own).
@@ -64,45 +46,96 @@ T1_AND_STEPS = diffrax.SaveAt(
 )
 
 
-@pytest.mark.parametrize(
-    "name, saveat, rtol",
-    [
-        ("Reversible(Tsit5)", "ts", 1e-8),
-        ("Reversible(Midpoint)", "t1+steps", 1e-3),
-        ("SymmetricComposition(ALF, 4)", "ts", 1e-4),
-    ],
-)
-def test_hvp_adaptive_steps(name, saveat, rtol):
-    saveat = T1_AND_STEPS if saveat == "t1+steps" else SAVEATS[saveat]
-    check_hvp(ode_loss, PARAMS, TANGENT, SOLVERS[name], pid(rtol), saveat)
+def check_hvps(loss, params, tangent, cases):
+    """For each case `name: (config, adjoint)`, the gradient of `loss(params,
+    adjoint, *config)` and its derivative along `tangent` against `DirectAdjoint`'s.
+    Every case and both adjoints are one jitted program (one compilation instead of
+    two per case), compared case by case; the message names every failing case."""
+
+    @jax.jit
+    def run(p, v):
+        return {
+            name: (hvp(loss, p, v, adjoint, *config), hvp(loss, p, v, DIRECT, *config))
+            for name, (config, adjoint) in cases.items()
+        }
+
+    failed = []
+    for name, ((grad, product), (grad_ref, product_ref)) in run(
+        params, tangent
+    ).items():
+        grad_err = tree_rel_err(grad, grad_ref)
+        product_err = tree_rel_err(product, product_ref)
+        if not max(grad_err, product_err) < GRAD_RTOL:
+            failed.append((name, grad_err, product_err))
+        # Not a trivially passing comparison: the product depends on every input.
+        for leaf in jax.tree_util.tree_leaves(product):
+            if not float(jnp.max(jnp.abs(leaf))) > 1e-6:
+                failed.append((name, "a zero product leaf"))
+    assert not failed, failed
 
 
-def test_hvp_constant_steps_saveat():
-    check_hvp(
-        ode_loss, PARAMS, TANGENT, SOLVERS["Reversible(Midpoint)"],
-        diffrax.ConstantStepSize(), T1_AND_STEPS,
-    )  # fmt: skip
+def check_hvp(loss, params, tangent, *config, adjoint=REV):
+    check_hvps(loss, params, tangent, {"": (config, adjoint)})
 
 
-def test_hvp_checkpoint_every():
-    solver = revdiffrax.Reversible(diffrax.Heun(), coupling=0.9)
-    adjoint = revdiffrax.ReversibleAdjoint(checkpoint_every=3)
-    check_hvp(
-        ode_loss, PARAMS, TANGENT, solver, pid(1e-3), SAVEATS["ts"], adjoint=adjoint
+# Two groups (the composition, of 4 ALF steps per step, is the largest program),
+# each compiled as one program.
+CONSTANT_STEP_GROUPS = {
+    "one-step": [k for k in sorted(SOLVERS) if "Composition" not in k],
+    "composition": [k for k in sorted(SOLVERS) if "Composition" in k],
+}
+
+
+@pytest.mark.parametrize("group", list(CONSTANT_STEP_GROUPS))
+def test_hvp_every_solver_constant_steps(group):
+    config = (diffrax.ConstantStepSize(), SAVEATS["ts"])
+    cases = {
+        name: ((SOLVERS[name], *config), REV) for name in CONSTANT_STEP_GROUPS[group]
+    }
+    if group == "one-step":
+        # The other outputs under constant steps.
+        midpoint = (SOLVERS["Reversible(Midpoint)"], config[0], T1_AND_STEPS)
+        cases["Reversible(Midpoint), t1+steps"] = (midpoint, REV)
+    check_hvps(ode_loss, PARAMS, TANGENT, cases)
+
+
+def test_hvp_adaptive_steps():
+    cases = {
+        "Reversible(Tsit5), ts": ("Reversible(Tsit5)", SAVEATS["ts"], 1e-8),
+        "Reversible(Midpoint), t1+steps": ("Reversible(Midpoint)", T1_AND_STEPS, 1e-3),
+        "SymmetricComposition(ALF, 4), ts": (
+            "SymmetricComposition(ALF, 4)",
+            SAVEATS["ts"],
+            1e-4,
+        ),
+    }
+    cases = {
+        case: ((SOLVERS[name], pid(rtol), saveat), REV)
+        for case, (name, saveat, rtol) in cases.items()
+    }
+    # `ReversibleAdjoint(checkpoint_every=...)`.
+    heun = revdiffrax.Reversible(diffrax.Heun(), coupling=0.9)
+    cases["Reversible(Heun, 0.9), checkpoint_every=3"] = (
+        (heun, pid(1e-3), SAVEATS["ts"]),
+        revdiffrax.ReversibleAdjoint(checkpoint_every=3),
     )
+    check_hvps(ode_loss, PARAMS, TANGENT, cases)
 
 
-@pytest.mark.parametrize(
-    "solver",
-    [revdiffrax.Reversible(diffrax.Heun()), revdiffrax.ReversibleHeun()],
-    ids=["Reversible(Heun)", "ReversibleHeun"],
-)
-def test_hvp_sde(solver):
+def test_hvp_sde():
     params = (jnp.array([0.8, -0.5]), jnp.array(0.7))
     tangent = (jnp.array([0.3, 1.0]), jnp.array(-0.6))
     # The solvers need increments only: the cheaper Brownian motion to compile.
     key = jr.key(2, impl="unsafe_rbg")
-    check_hvp(sde_loss, params, tangent, solver, diffrax.BrownianIncrement, key)
+    solvers = {
+        "Reversible(Heun)": revdiffrax.Reversible(diffrax.Heun()),
+        "ReversibleHeun": revdiffrax.ReversibleHeun(),
+    }
+    cases = {
+        name: ((solver, diffrax.BrownianIncrement, key), REV)
+        for name, solver in solvers.items()
+    }
+    check_hvps(sde_loss, params, tangent, cases)
 
 
 def test_hvp_cde_data_and_args():
@@ -118,14 +151,17 @@ def test_hvp_under_vmap():
     tangents = jax.tree_util.tree_map(lambda x: jnp.stack([x, -2 * x, x**2]), TANGENT)
     params = jax.tree_util.tree_map(lambda x: jnp.stack([x, x, 1.1 * x]), PARAMS)
 
-    def products(adjoint):
+    def products(params, tangents, adjoint):
         def one(p, v):
             saveat = SAVEATS["ts"]
             return hvp(ode_loss, p, v, adjoint, solver, controller, saveat, 64)[1]
 
         return jax.vmap(one)(params, tangents)
 
-    assert tree_rel_err(products(REV), products(DIRECT)) < GRAD_RTOL
+    # Both adjoints in one jitted program: one compilation instead of two.
+    both = jax.jit(lambda p, v: (products(p, v, REV), products(p, v, DIRECT)))
+    ours, reference = both(params, tangents)
+    assert tree_rel_err(ours, reference) < GRAD_RTOL
 
 
 def test_hessian_of_small_parameter_vector():
@@ -138,8 +174,9 @@ def test_hessian_of_small_parameter_vector():
                         diffrax.ConstantStepSize(), SAVEATS["t1"])  # fmt: skip
 
     theta = jnp.array([0.6, -0.4, 0.5])
-    ours = jax.jit(jax.hessian(loss), static_argnums=1)(theta, REV)
-    reference = jax.jit(jax.hessian(loss), static_argnums=1)(theta, DIRECT)
+    hessian = jax.hessian(loss)
+    # Both adjoints in one jitted program: one compilation instead of two.
+    ours, reference = jax.jit(lambda x: (hessian(x, REV), hessian(x, DIRECT)))(theta)
     assert ours.shape == (3, 3)
     assert tree_rel_err(ours, reference) < GRAD_RTOL
     assert float(jnp.max(jnp.abs(ours - ours.T))) < 1e-12
