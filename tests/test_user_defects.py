@@ -39,11 +39,30 @@ def _vf(t, y, args):
     return -args * y + jnp.sin(3 * t)
 
 
-def _assert_close(ours, ref):
+def _assert_close(ours, ref, case=None):
     # Relative to the largest entry: a component of a gradient can be zero up to
     # rounding (e.g. d/d(dt0) of a constant-step solve).
     scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(ref))
-    assert leafwise_rel_err(ours, ref, scale) < GRAD_RTOL
+    assert leafwise_rel_err(ours, ref, scale) < GRAD_RTOL, case
+
+
+def _grads_per_adjoint(loss, primals, adjoints):
+    """The gradient of `loss(primals, adjoint)` with respect to `primals`, for every
+    adjoint of `adjoints`, in one jitted program: each adjoint's solve gets its own
+    copy of `primals`, so each gradient is that adjoint's alone (one compilation
+    instead of one per adjoint)."""
+
+    @eqx.filter_jit
+    def grads(copies):
+        def total(copies):
+            return sum(loss(c, a) for c, a in zip(copies, adjoints, strict=True))
+
+        return eqx.filter_grad(total)(copies)
+
+    return grads([primals] * len(adjoints))
+
+
+RCA_AND_OURS = (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint())
 
 
 # --- 1. `sol.ts` is a differentiable output ---------------------------------------
@@ -89,23 +108,19 @@ def _saved_times_loss(times, ts, controller, adjoint):
 def test_saved_times_are_differentiable():
     # The three controllers' solves are terms of one jitted loss, each with its own
     # times, so each controller's gradient is compared on its own: one compilation
-    # per adjoint instead of one per adjoint and controller.
+    # for both adjoints and all controllers.
     times = (jnp.asarray(0.0), jnp.asarray(1.3), jnp.asarray(0.1))
 
-    @eqx.filter_jit
-    def grad(adjoint):
-        def total(primals):
-            return sum(
-                _saved_times_loss(*primals[name], c, adjoint)
-                for name, c in CONTROLLERS.items()
-            )
+    def total(primals, adjoint):
+        return sum(
+            _saved_times_loss(*primals[name], c, adjoint)
+            for name, c in CONTROLLERS.items()
+        )
 
-        return jax.grad(total)({name: (times, TS) for name in CONTROLLERS})
-
-    ref = grad(diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(revdiffrax.ReversibleAdjoint())
+    primals = {name: (times, TS) for name in CONTROLLERS}
+    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
     for name in CONTROLLERS:
-        _assert_close(ours[name], ref[name])
+        _assert_close(ours[name], ref[name], name)
 
 
 def test_saved_t1_gradient_issue_example():
@@ -124,10 +139,7 @@ def test_saved_t1_gradient_issue_example():
         )
         return jnp.sum(sol.ys**2) + jnp.sum(sol.ts)
 
-    t1 = jnp.asarray(0.62)
-    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
-    ref = grad(t1, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(t1, revdiffrax.ReversibleAdjoint())
+    ref, ours = _grads_per_adjoint(loss, jnp.asarray(0.62), RCA_AND_OURS)
     assert abs(float(ours) - float(ref)) < GRAD_RTOL * abs(float(ref))
 
 
@@ -174,24 +186,20 @@ CLIPPED_DT0 = {
 def test_clipped_step_time_gradients():
     # Every controller's solve is a term of one jitted loss, each with its own
     # times, so each controller's gradient is compared on its own: one compilation
-    # per adjoint instead of one per adjoint and controller.
+    # for both adjoints and all controllers.
     def times(dt0):
         dt0 = None if dt0 is None else jnp.asarray(dt0)
         return (jnp.asarray(0.0), jnp.asarray(1.3), dt0)
 
-    @eqx.filter_jit
-    def grad(adjoint):
-        def total(primals):
-            return sum(
-                _clipped_loss(primals[name], c, adjoint) for name, c in CLIPPED.items()
-            )
+    def total(primals, adjoint):
+        return sum(
+            _clipped_loss(primals[name], c, adjoint) for name, c in CLIPPED.items()
+        )
 
-        return jax.grad(total)({name: times(CLIPPED_DT0[name]) for name in CLIPPED})
-
-    ref = grad(diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(revdiffrax.ReversibleAdjoint())
+    primals = {name: times(CLIPPED_DT0[name]) for name in CLIPPED}
+    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
     for name in CLIPPED:
-        _assert_close(ours[name], ref[name])
+        _assert_close(ours[name], ref[name], name)
 
 
 def test_store_rejected_steps_refused_only_when_times_are_differentiated():
@@ -226,15 +234,15 @@ def test_store_rejected_steps_refused_only_when_times_are_differentiated():
 # --- 3. SDEs with differentiated `SaveAt(ts)` -----------------------------------
 
 
-@pytest.mark.parametrize(
-    "solver, stepto",
-    [
-        (revdiffrax.Reversible(diffrax.Heun()), False),
-        (revdiffrax.ReversibleHeun(), True),
-    ],
-    ids=["Reversible(Heun)-constant", "ReversibleHeun-stepto"],
-)
-def test_sde_saveat_ts_gradient(solver, stepto):
+SDE_CASES = {
+    "Reversible(Heun)-constant": (revdiffrax.Reversible(diffrax.Heun()), False),
+    "ReversibleHeun-stepto": (revdiffrax.ReversibleHeun(), True),
+}
+
+
+def test_sde_saveat_ts_gradient():
+    # Both cases' solves are terms of one jitted loss, each with its own (ts, args),
+    # so each case's gradient is compared on its own: one compilation in all.
     bm = diffrax.VirtualBrownianTree(
         0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.PRNGKey(0)
     )
@@ -242,35 +250,37 @@ def test_sde_saveat_ts_gradient(solver, stepto):
         diffrax.ODETerm(lambda t, y, args: -args * y),
         diffrax.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(y), bm),
     )
-    if stepto:
-        controller, dt0 = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 13)), None
-    else:
-        controller, dt0 = diffrax.ConstantStepSize(), 0.1
 
-    @eqx.filter_jit
-    def grad(ts, args, adjoint):
-        def loss(ts, args):
-            sol = diffrax.diffeqsolve(
-                terms,
-                solver,
-                0.0,
-                1.0,
-                dt0,
-                Y0,
-                args=args,
-                saveat=diffrax.SaveAt(ts=ts),
-                stepsize_controller=controller,
-                adjoint=adjoint,
-                max_steps=32,
-            )
-            return jnp.sum(sol.ys**2) + jnp.sum(sol.ts**2)
+    def loss(ts, args, solver, stepto, adjoint):
+        if stepto:
+            controller, dt0 = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 13)), None
+        else:
+            controller, dt0 = diffrax.ConstantStepSize(), 0.1
+        sol = diffrax.diffeqsolve(
+            terms,
+            solver,
+            0.0,
+            1.0,
+            dt0,
+            Y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=32,
+        )
+        return jnp.sum(sol.ys**2) + jnp.sum(sol.ts**2)
 
-        return jax.grad(loss, argnums=(0, 1))(ts, args)
+    def total(primals, adjoint):
+        return sum(
+            loss(*primals[name], *SDE_CASES[name], adjoint) for name in SDE_CASES
+        )
 
     ts, args = jnp.array([0.22, 0.51, 0.9]), jnp.asarray(0.7)
-    ref = grad(ts, args, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(ts, args, revdiffrax.ReversibleAdjoint())
-    _assert_close(ours, ref)
+    primals = {name: (ts, args) for name in SDE_CASES}
+    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+    for name in SDE_CASES:
+        _assert_close(ours[name], ref[name], name)
 
 
 # --- 4. closures inside wrapper terms -------------------------------------------
@@ -300,64 +310,66 @@ def _closure_terms(kind, model, scale):
     return term.to_ode()
 
 
-@pytest.mark.parametrize(
-    "kind", ["to_ode", "multi_to_ode", "callable_control", "weakly_diagonal"]
-)
-def test_closure_inside_wrapper_terms(kind):
+CLOSURE_KINDS = ("to_ode", "multi_to_ode", "callable_control", "weakly_diagonal")
+
+
+def test_closure_inside_wrapper_terms():
+    # Every kind's solve is a term of one jitted loss, each with its own (model,
+    # scale), so each kind's gradient is compared on its own: one compilation in all.
     model = eqx.nn.MLP(2, 4, 8, 1, key=jax.random.PRNGKey(1))
 
-    @eqx.filter_jit
-    def grad(model, scale, adjoint):
-        def loss(model, scale):
-            sol = diffrax.diffeqsolve(
-                _closure_terms(kind, model, scale),
-                revdiffrax.Reversible(diffrax.Heun()),
-                0.0,
-                1.0,
-                0.1,
-                Y0,
-                adjoint=adjoint,
-                max_steps=16,
-            )
-            return jnp.sum(sol.ys**2)
+    def loss(model, scale, kind, adjoint):
+        sol = diffrax.diffeqsolve(
+            _closure_terms(kind, model, scale),
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            adjoint=adjoint,
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys**2)
 
-        return eqx.filter_grad(lambda x: loss(*x))((model, scale))
+    def total(primals, adjoint):
+        return sum(loss(*primals[kind], kind, adjoint) for kind in CLOSURE_KINDS)
 
-    scale = jnp.asarray(0.8)
-    ref = grad(model, scale, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(model, scale, revdiffrax.ReversibleAdjoint())
-    _assert_close(ours, ref)
+    primals = {kind: (model, jnp.asarray(0.8)) for kind in CLOSURE_KINDS}
+    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+    for kind in CLOSURE_KINDS:
+        _assert_close(ours[kind], ref[kind], kind)
 
 
-@pytest.mark.parametrize("kind", ["lambda", "partial"])
-def test_function_in_args_closed_over_parameters(kind):
-    # `args` holding a function of the state that closes over the parameters.
+def test_function_in_args_closed_over_parameters():
+    # `args` holding a function of the state that closes over the parameters: a
+    # lambda and a `functools.partial`, each with its own `p` in one jitted loss.
     def model(p, y):
         return p * jnp.tanh(y)
 
-    @eqx.filter_jit
-    def grad(p, adjoint):
-        def loss(p):
-            f = (lambda y: model(p, y)) if kind == "lambda" else ft.partial(model, p)
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(lambda t, y, args: -args(y)),
-                revdiffrax.Reversible(diffrax.Heun()),
-                0.0,
-                1.0,
-                0.1,
-                Y0,
-                args=f,
-                adjoint=adjoint,
-                max_steps=16,
-            )
-            return jnp.sum(sol.ys**2)
+    def loss(p, kind, adjoint):
+        f = (lambda y: model(p, y)) if kind == "lambda" else ft.partial(model, p)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: -args(y)),
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            args=f,
+            adjoint=adjoint,
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys**2)
 
-        return jax.grad(loss)(p)
+    kinds = ("lambda", "partial")
 
-    p = jnp.array([0.7, 1.1])
-    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(p, revdiffrax.ReversibleAdjoint())
-    _assert_close(ours, ref)
+    def total(primals, adjoint):
+        return sum(loss(primals[kind], kind, adjoint) for kind in kinds)
+
+    primals = {kind: jnp.array([0.7, 1.1]) for kind in kinds}
+    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+    for kind in kinds:
+        _assert_close(ours[kind], ref[kind], kind)
 
 
 def test_closure_in_underdamped_langevin_grad_f():
@@ -366,27 +378,21 @@ def test_closure_in_underdamped_langevin_grad_f():
     )
     diffusion = diffrax.UnderdampedLangevinDiffusionTerm(1.0, 1.0, bm)
 
-    @eqx.filter_jit
-    def grad(p, adjoint):
-        def loss(p):
-            drift = diffrax.UnderdampedLangevinDriftTerm(1.0, 1.0, lambda x, a: p * x)
-            sol = diffrax.diffeqsolve(
-                diffrax.MultiTerm(drift, diffusion),
-                revdiffrax.Reversible(diffrax.Heun()),
-                0.0,
-                1.0,
-                0.1,
-                (Y0, jnp.array([0.0, 0.1])),
-                adjoint=adjoint,
-                max_steps=16,
-            )
-            return jnp.sum(sol.ys[0] ** 2)
+    def loss(p, adjoint):
+        drift = diffrax.UnderdampedLangevinDriftTerm(1.0, 1.0, lambda x, a: p * x)
+        sol = diffrax.diffeqsolve(
+            diffrax.MultiTerm(drift, diffusion),
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            (Y0, jnp.array([0.0, 0.1])),
+            adjoint=adjoint,
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys[0] ** 2)
 
-        return jax.grad(loss)(p)
-
-    p = jnp.array([0.7, 1.1])
-    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(p, revdiffrax.ReversibleAdjoint())
+    ref, ours = _grads_per_adjoint(loss, jnp.array([0.7, 1.1]), RCA_AND_OURS)
     _assert_close(ours, ref)
 
 
@@ -414,9 +420,9 @@ def test_differentiated_controller_arrays_refused():
     t1 = jnp.asarray(1.0)
     with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
         jax.grad(_stepto_loss)(t1, revdiffrax.ReversibleAdjoint(), True)
-    grad = jax.jit(jax.grad(_stepto_loss), static_argnums=(1, 2))
-    got = grad(t1, revdiffrax.ReversibleAdjoint(), False)
-    want = grad(t1, diffrax.RecursiveCheckpointAdjoint(), False)
+    want, got = _grads_per_adjoint(
+        lambda t1, adjoint: _stepto_loss(t1, adjoint, False), t1, RCA_AND_OURS
+    )
     np.testing.assert_allclose(got, want, rtol=GRAD_RTOL)
 
 
@@ -437,30 +443,50 @@ def _vmapped_ys_and_ts_loss(ts, y0, adjoint, solver):
     return jnp.sum(jax.vmap(one)(y0))
 
 
-@pytest.mark.parametrize(
-    "solver, adjoint",
-    [
-        # The parasitic-mode check happened to batch the outputs; without it, or
-        # with a solver it does not apply to, the saved times counted twice.
-        (
-            revdiffrax.Reversible(diffrax.Midpoint()),
-            revdiffrax.ReversibleAdjoint(parasitic_tol=None),
-        ),
-        (revdiffrax.LeapfrogMidpoint(), revdiffrax.ReversibleAdjoint()),
-    ],
-    ids=["Reversible(Midpoint),parasitic_tol=None", "LeapfrogMidpoint"],
-)
-def test_vmapped_saved_times_counted_once(solver, adjoint):
+# The parasitic-mode check happened to batch the outputs; without it, or with a
+# solver it does not apply to, the saved times counted twice.
+VMAP_CASES = {
+    "Reversible(Midpoint),parasitic_tol=None": (
+        revdiffrax.Reversible(diffrax.Midpoint()),
+        revdiffrax.ReversibleAdjoint(parasitic_tol=None),
+    ),
+    "LeapfrogMidpoint": (revdiffrax.LeapfrogMidpoint(), revdiffrax.ReversibleAdjoint()),
+}
+
+
+def test_vmapped_saved_times_counted_once():
+    # Both cases' solves are terms of one jitted loss (per adjoint: ours, then
+    # DirectAdjoint), each with its own `ts`, so each case is compared on its own.
     ts, y0 = jnp.array([0.6, 0.9]), jnp.array([1.0, 2.0])
-    grad = jax.jit(jax.grad(_vmapped_ys_and_ts_loss), static_argnums=(2, 3))
-    ours = grad(ts, y0, adjoint, solver)
-    direct = grad(ts, y0, diffrax.DirectAdjoint(), solver)
-    _assert_close(ours, direct)
-    # The reference itself, by central differences.
-    loss = ft.partial(_vmapped_ys_and_ts_loss, y0=y0, adjoint=adjoint, solver=solver)
+
+    def losses(ts_by_case, direct):
+        return {
+            name: _vmapped_ys_and_ts_loss(
+                ts_by_case[name],
+                y0,
+                diffrax.DirectAdjoint() if direct else adjoint,
+                solver,
+            )
+            for name, (solver, adjoint) in VMAP_CASES.items()
+        }
+
+    def total(ts_by_case, direct):
+        return sum(losses(ts_by_case, direct).values())
+
+    primals = {name: ts for name in VMAP_CASES}
+    ours, direct = _grads_per_adjoint(total, primals, (False, True))
+    # The reference itself, by central differences (one compilation for every case
+    # and every shifted `ts`).
+    jit_losses = jax.jit(losses, static_argnums=1)
     eps = 1e-6
-    fd = [
-        (loss(ts.at[i].add(eps)) - loss(ts.at[i].add(-eps))) / (2 * eps)
-        for i in range(len(ts))
-    ]
-    np.testing.assert_allclose(direct, jnp.stack(fd), rtol=1e-7)
+    fd = {name: [] for name in VMAP_CASES}
+    for i in range(len(ts)):
+        plus = jit_losses({name: ts.at[i].add(eps) for name in VMAP_CASES}, False)
+        minus = jit_losses({name: ts.at[i].add(-eps) for name in VMAP_CASES}, False)
+        for name in VMAP_CASES:
+            fd[name].append((plus[name] - minus[name]) / (2 * eps))
+    for name in VMAP_CASES:
+        _assert_close(ours[name], direct[name], name)
+        np.testing.assert_allclose(
+            direct[name], jnp.stack(fd[name]), rtol=1e-7, err_msg=name
+        )
