@@ -168,21 +168,13 @@ def test_sde_and_vmap_with_different_step_counts():
 
     y0s = jnp.array([[1.0, 0.5], [-0.2, 2.0], [0.3, 0.3]])
     thetas = jnp.array([0.5, 1.0, 2.0])
-    rca = diffrax.RecursiveCheckpointAdjoint()
 
-    def batched(loss, adjoint, has_aux=False):
-        # Per-sample gradients of both adjoints (RCA first) in one jitted program,
-        # each adjoint's solve with its own copy of the inputs.
-        def total(copies):
-            values = [loss(*c, a) for c, a in zip(copies, (rca, adjoint))]
-            if not has_aux:
-                return sum(values)
-            return sum(v for v, _ in values), [aux for _, aux in values]
+    def batched(adjoint):
+        g = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, 0, None))
+        return jax.jit(g, static_argnums=2)(y0s, thetas, adjoint)
 
-        g = jax.vmap(jax.grad(total, has_aux=has_aux))
-        return jax.jit(g)([(y0s, thetas)] * 2)
-
-    ref, out = batched(loss, revdiffrax.ReversibleAdjoint(checkpoint_every=6))
+    ref = batched(diffrax.RecursiveCheckpointAdjoint())
+    out = batched(revdiffrax.ReversibleAdjoint(checkpoint_every=6))
     assert tree_rel_err(out, ref) < 1e-10
 
     # Adaptive steps under vmap: each element takes its own number of steps.
@@ -201,9 +193,15 @@ def test_sde_and_vmap_with_different_step_counts():
         )
         return jnp.sum(sol.ys**2), sol.stats["num_accepted_steps"]
 
-    adjoint = revdiffrax.ReversibleAdjoint(checkpoint_every=5)
-    (ref, out), (steps, _) = batched(ode_loss, adjoint, has_aux=True)
+    def batched_ode(adjoint):
+        g = jax.vmap(
+            jax.grad(ode_loss, argnums=(0, 1), has_aux=True), in_axes=(0, 0, None)
+        )
+        return jax.jit(g, static_argnums=2)(y0s, thetas, adjoint)
+
+    ref, steps = batched_ode(diffrax.RecursiveCheckpointAdjoint())
     assert len(set(np.asarray(steps).ravel().tolist())) > 1
+    out, _ = batched_ode(revdiffrax.ReversibleAdjoint(checkpoint_every=5))
     assert tree_rel_err(out, ref) < 1e-10
 
 
