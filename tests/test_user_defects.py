@@ -48,21 +48,10 @@ def _assert_close(ours, ref, case=None):
 
 def _grads_per_adjoint(loss, primals, adjoints):
     """The gradient of `loss(primals, adjoint)` with respect to `primals`, for every
-    adjoint of `adjoints`, in one jitted program: each adjoint's solve gets its own
-    copy of `primals`, so each gradient is that adjoint's alone (one compilation
-    instead of one per adjoint)."""
-
-    @eqx.filter_jit
-    def grads(copies):
-        def total(copies):
-            return sum(loss(c, a) for c, a in zip(copies, adjoints, strict=True))
-
-        return eqx.filter_grad(total)(copies)
-
-    return grads([primals] * len(adjoints))
-
-
-RCA_AND_OURS = (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint())
+    adjoint of `adjoints`: one jitted program per adjoint (one program holding the
+    solves of several adjoints compiled no faster)."""
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    return [grad(primals, adjoint) for adjoint in adjoints]
 
 
 # --- 1. `sol.ts` is a differentiable output ---------------------------------------
@@ -108,19 +97,23 @@ def _saved_times_loss(times, ts, controller, adjoint):
 def test_saved_times_are_differentiable():
     # The three controllers' solves are terms of one jitted loss, each with its own
     # times, so each controller's gradient is compared on its own: one compilation
-    # for both adjoints and all controllers.
+    # per adjoint instead of one per adjoint and controller.
     times = (jnp.asarray(0.0), jnp.asarray(1.3), jnp.asarray(0.1))
 
-    def total(primals, adjoint):
-        return sum(
-            _saved_times_loss(*primals[name], c, adjoint)
-            for name, c in CONTROLLERS.items()
-        )
+    @eqx.filter_jit
+    def grad(adjoint):
+        def total(primals):
+            return sum(
+                _saved_times_loss(*primals[name], c, adjoint)
+                for name, c in CONTROLLERS.items()
+            )
 
-    primals = {name: (times, TS) for name in CONTROLLERS}
-    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+        return jax.grad(total)({name: (times, TS) for name in CONTROLLERS})
+
+    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(revdiffrax.ReversibleAdjoint())
     for name in CONTROLLERS:
-        _assert_close(ours[name], ref[name], name)
+        _assert_close(ours[name], ref[name])
 
 
 def test_saved_t1_gradient_issue_example():
@@ -139,7 +132,10 @@ def test_saved_t1_gradient_issue_example():
         )
         return jnp.sum(sol.ys**2) + jnp.sum(sol.ts)
 
-    ref, ours = _grads_per_adjoint(loss, jnp.asarray(0.62), RCA_AND_OURS)
+    t1 = jnp.asarray(0.62)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
+    ref = grad(t1, diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(t1, revdiffrax.ReversibleAdjoint())
     assert abs(float(ours) - float(ref)) < GRAD_RTOL * abs(float(ref))
 
 
@@ -186,20 +182,24 @@ CLIPPED_DT0 = {
 def test_clipped_step_time_gradients():
     # Every controller's solve is a term of one jitted loss, each with its own
     # times, so each controller's gradient is compared on its own: one compilation
-    # for both adjoints and all controllers.
+    # per adjoint instead of one per adjoint and controller.
     def times(dt0):
         dt0 = None if dt0 is None else jnp.asarray(dt0)
         return (jnp.asarray(0.0), jnp.asarray(1.3), dt0)
 
-    def total(primals, adjoint):
-        return sum(
-            _clipped_loss(primals[name], c, adjoint) for name, c in CLIPPED.items()
-        )
+    @eqx.filter_jit
+    def grad(adjoint):
+        def total(primals):
+            return sum(
+                _clipped_loss(primals[name], c, adjoint) for name, c in CLIPPED.items()
+            )
 
-    primals = {name: times(CLIPPED_DT0[name]) for name in CLIPPED}
-    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+        return jax.grad(total)({name: times(CLIPPED_DT0[name]) for name in CLIPPED})
+
+    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(revdiffrax.ReversibleAdjoint())
     for name in CLIPPED:
-        _assert_close(ours[name], ref[name], name)
+        _assert_close(ours[name], ref[name])
 
 
 def test_store_rejected_steps_refused_only_when_times_are_differentiated():
@@ -234,15 +234,15 @@ def test_store_rejected_steps_refused_only_when_times_are_differentiated():
 # --- 3. SDEs with differentiated `SaveAt(ts)` -----------------------------------
 
 
-SDE_CASES = {
-    "Reversible(Heun)-constant": (revdiffrax.Reversible(diffrax.Heun()), False),
-    "ReversibleHeun-stepto": (revdiffrax.ReversibleHeun(), True),
-}
-
-
-def test_sde_saveat_ts_gradient():
-    # Both cases' solves are terms of one jitted loss, each with its own (ts, args),
-    # so each case's gradient is compared on its own: one compilation in all.
+@pytest.mark.parametrize(
+    "solver, stepto",
+    [
+        (revdiffrax.Reversible(diffrax.Heun()), False),
+        (revdiffrax.ReversibleHeun(), True),
+    ],
+    ids=["Reversible(Heun)-constant", "ReversibleHeun-stepto"],
+)
+def test_sde_saveat_ts_gradient(solver, stepto):
     bm = diffrax.VirtualBrownianTree(
         0.0, 1.0, tol=1e-3, shape=(2,), key=jax.random.PRNGKey(0)
     )
@@ -250,37 +250,35 @@ def test_sde_saveat_ts_gradient():
         diffrax.ODETerm(lambda t, y, args: -args * y),
         diffrax.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(y), bm),
     )
+    if stepto:
+        controller, dt0 = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 13)), None
+    else:
+        controller, dt0 = diffrax.ConstantStepSize(), 0.1
 
-    def loss(ts, args, solver, stepto, adjoint):
-        if stepto:
-            controller, dt0 = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 13)), None
-        else:
-            controller, dt0 = diffrax.ConstantStepSize(), 0.1
-        sol = diffrax.diffeqsolve(
-            terms,
-            solver,
-            0.0,
-            1.0,
-            dt0,
-            Y0,
-            args=args,
-            saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=controller,
-            adjoint=adjoint,
-            max_steps=32,
-        )
-        return jnp.sum(sol.ys**2) + jnp.sum(sol.ts**2)
+    @eqx.filter_jit
+    def grad(ts, args, adjoint):
+        def loss(ts, args):
+            sol = diffrax.diffeqsolve(
+                terms,
+                solver,
+                0.0,
+                1.0,
+                dt0,
+                Y0,
+                args=args,
+                saveat=diffrax.SaveAt(ts=ts),
+                stepsize_controller=controller,
+                adjoint=adjoint,
+                max_steps=32,
+            )
+            return jnp.sum(sol.ys**2) + jnp.sum(sol.ts**2)
 
-    def total(primals, adjoint):
-        return sum(
-            loss(*primals[name], *SDE_CASES[name], adjoint) for name in SDE_CASES
-        )
+        return jax.grad(loss, argnums=(0, 1))(ts, args)
 
     ts, args = jnp.array([0.22, 0.51, 0.9]), jnp.asarray(0.7)
-    primals = {name: (ts, args) for name in SDE_CASES}
-    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
-    for name in SDE_CASES:
-        _assert_close(ours[name], ref[name], name)
+    ref = grad(ts, args, diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(ts, args, revdiffrax.ReversibleAdjoint())
+    _assert_close(ours, ref)
 
 
 # --- 4. closures inside wrapper terms -------------------------------------------
@@ -315,7 +313,8 @@ CLOSURE_KINDS = ("to_ode", "multi_to_ode", "callable_control", "weakly_diagonal"
 
 def test_closure_inside_wrapper_terms():
     # Every kind's solve is a term of one jitted loss, each with its own (model,
-    # scale), so each kind's gradient is compared on its own: one compilation in all.
+    # scale), so each kind's gradient is compared on its own: one compilation per
+    # adjoint.
     model = eqx.nn.MLP(2, 4, 8, 1, key=jax.random.PRNGKey(1))
 
     def loss(model, scale, kind, adjoint):
@@ -335,7 +334,11 @@ def test_closure_inside_wrapper_terms():
         return sum(loss(*primals[kind], kind, adjoint) for kind in CLOSURE_KINDS)
 
     primals = {kind: (model, jnp.asarray(0.8)) for kind in CLOSURE_KINDS}
-    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+    ref, ours = _grads_per_adjoint(
+        total,
+        primals,
+        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+    )
     for kind in CLOSURE_KINDS:
         _assert_close(ours[kind], ref[kind], kind)
 
@@ -367,7 +370,11 @@ def test_function_in_args_closed_over_parameters():
         return sum(loss(primals[kind], kind, adjoint) for kind in kinds)
 
     primals = {kind: jnp.array([0.7, 1.1]) for kind in kinds}
-    ref, ours = _grads_per_adjoint(total, primals, RCA_AND_OURS)
+    ref, ours = _grads_per_adjoint(
+        total,
+        primals,
+        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+    )
     for kind in kinds:
         _assert_close(ours[kind], ref[kind], kind)
 
@@ -378,21 +385,27 @@ def test_closure_in_underdamped_langevin_grad_f():
     )
     diffusion = diffrax.UnderdampedLangevinDiffusionTerm(1.0, 1.0, bm)
 
-    def loss(p, adjoint):
-        drift = diffrax.UnderdampedLangevinDriftTerm(1.0, 1.0, lambda x, a: p * x)
-        sol = diffrax.diffeqsolve(
-            diffrax.MultiTerm(drift, diffusion),
-            revdiffrax.Reversible(diffrax.Heun()),
-            0.0,
-            1.0,
-            0.1,
-            (Y0, jnp.array([0.0, 0.1])),
-            adjoint=adjoint,
-            max_steps=16,
-        )
-        return jnp.sum(sol.ys[0] ** 2)
+    @eqx.filter_jit
+    def grad(p, adjoint):
+        def loss(p):
+            drift = diffrax.UnderdampedLangevinDriftTerm(1.0, 1.0, lambda x, a: p * x)
+            sol = diffrax.diffeqsolve(
+                diffrax.MultiTerm(drift, diffusion),
+                revdiffrax.Reversible(diffrax.Heun()),
+                0.0,
+                1.0,
+                0.1,
+                (Y0, jnp.array([0.0, 0.1])),
+                adjoint=adjoint,
+                max_steps=16,
+            )
+            return jnp.sum(sol.ys[0] ** 2)
 
-    ref, ours = _grads_per_adjoint(loss, jnp.array([0.7, 1.1]), RCA_AND_OURS)
+        return jax.grad(loss)(p)
+
+    p = jnp.array([0.7, 1.1])
+    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(p, revdiffrax.ReversibleAdjoint())
     _assert_close(ours, ref)
 
 
@@ -420,9 +433,9 @@ def test_differentiated_controller_arrays_refused():
     t1 = jnp.asarray(1.0)
     with pytest.raises(NotImplementedError, match="RecursiveCheckpointAdjoint"):
         jax.grad(_stepto_loss)(t1, revdiffrax.ReversibleAdjoint(), True)
-    want, got = _grads_per_adjoint(
-        lambda t1, adjoint: _stepto_loss(t1, adjoint, False), t1, RCA_AND_OURS
-    )
+    grad = jax.jit(jax.grad(_stepto_loss), static_argnums=(1, 2))
+    got = grad(t1, revdiffrax.ReversibleAdjoint(), False)
+    want = grad(t1, diffrax.RecursiveCheckpointAdjoint(), False)
     np.testing.assert_allclose(got, want, rtol=GRAD_RTOL)
 
 
