@@ -49,42 +49,61 @@ def _mlp_loss(solver, controller, saveat_kind):
 _y0 = {"a": jnp.array([0.5, -0.3]), "b": jnp.array([0.2])}
 
 
-@pytest.mark.parametrize(
-    "solver, controller, saveat_kind",
-    [
-        (
-            revdiffrax.Reversible(diffrax.Tsit5(), coupling=0.9),
-            diffrax.PIDController(rtol=1e-6, atol=1e-6),
-            "ts",
-        ),
-        (revdiffrax.Reversible(diffrax.Bosh3()), diffrax.ConstantStepSize(), "subs"),
-        (
-            revdiffrax.ReversibleHeun(),
-            diffrax.PIDController(rtol=1e-4, atol=1e-4),
-            "steps",
-        ),
-    ],
-)
-def test_every_k_gives_the_same_gradient_float64(solver, controller, saveat_kind):
-    model = eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
-    loss = _mlp_loss(solver, controller, saveat_kind)
+def _grads_per_adjoint(loss, primals, adjoints):
+    """The gradient of `loss(primals, adjoint)` with respect to `primals`, for every
+    adjoint of `adjoints`, in one jitted program: each adjoint's solve gets its own
+    copy of `primals`, so each gradient is that adjoint's alone (one compilation
+    instead of one per adjoint)."""
 
     @eqx.filter_jit
-    def grads(adjoints):
-        # One solve per adjoint, each with its own copy of (model, y0): one
-        # compilation for several adjoints, each gradient on its own.
+    def grads(copies):
         def total(copies):
-            return sum(loss(m, y0, a) for (m, y0), a in zip(copies, adjoints))
+            return sum(loss(c, a) for c, a in zip(copies, adjoints, strict=True))
 
-        return eqx.filter_grad(total)([(model, _y0)] * len(adjoints))
+        return eqx.filter_grad(total)(copies)
+
+    return grads([primals] * len(adjoints))
+
+
+# (solver, controller, SaveAt kind)
+EVERY_K_CASES = {
+    "Reversible(Tsit5, 0.9)-PID-ts": (
+        revdiffrax.Reversible(diffrax.Tsit5(), coupling=0.9),
+        diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        "ts",
+    ),
+    "Reversible(Bosh3)-constant-subs": (
+        revdiffrax.Reversible(diffrax.Bosh3()),
+        diffrax.ConstantStepSize(),
+        "subs",
+    ),
+    "ReversibleHeun-PID-steps": (
+        revdiffrax.ReversibleHeun(),
+        diffrax.PIDController(rtol=1e-4, atol=1e-4),
+        "steps",
+    ),
+}
+
+
+def test_every_k_gives_the_same_gradient_float64():
+    """k = 1 and k = 7 give the gradient of k = None (pure reconstruction). Every
+    case's and every k's solve is a term of one jitted loss with its own copy of
+    (model, y0): one compilation, each gradient compared on its own."""
+    model = eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
+    losses = {name: _mlp_loss(*case) for name, case in EVERY_K_CASES.items()}
+
+    def total(primals, adjoint):
+        return sum(loss(*primals[name], adjoint) for name, loss in losses.items())
 
     # (`k=None` itself is checked against RecursiveCheckpointAdjoint in
     # test_adjoint.py.)
-    (reference,) = grads((revdiffrax.ReversibleAdjoint(),))
-    ks = (1, 7)
-    outs = grads(tuple(revdiffrax.ReversibleAdjoint(checkpoint_every=k) for k in ks))
-    for k, out in zip(ks, outs):
-        assert tree_rel_err(out, reference) < 1e-10, k
+    ks = (None, 1, 7)
+    adjoints = tuple(revdiffrax.ReversibleAdjoint(checkpoint_every=k) for k in ks)
+    primals = {name: (model, _y0) for name in EVERY_K_CASES}
+    reference, *outs = _grads_per_adjoint(total, primals, adjoints)
+    for k, out in zip(ks[1:], outs):
+        for name in EVERY_K_CASES:
+            assert tree_rel_err(out[name], reference[name]) < 1e-10, (name, k)
 
 
 def test_semi_implicit_euler_tuple_state():
@@ -110,14 +129,13 @@ def test_semi_implicit_euler_tuple_state():
         return jnp.sum(sol.ys[0] ** 2) + jnp.sum(sol.ys[1])
 
     params = (jnp.array(2.0), jnp.array(1.3))
-    ref = jax.jit(jax.grad(loss), static_argnums=1)(
-        params, diffrax.RecursiveCheckpointAdjoint()
+    ks = (7, 100)
+    adjoints = (diffrax.RecursiveCheckpointAdjoint(),) + tuple(
+        revdiffrax.ReversibleAdjoint(checkpoint_every=k) for k in ks
     )
-    for k in (7, 100):
-        out = jax.jit(jax.grad(loss), static_argnums=1)(
-            params, revdiffrax.ReversibleAdjoint(checkpoint_every=k)
-        )
-        assert tree_rel_err(out, ref) < 1e-10
+    ref, *outs = _grads_per_adjoint(loss, params, adjoints)  # one compilation
+    for k, out in zip(ks, outs):
+        assert tree_rel_err(out, ref) < 1e-10, k
 
 
 def test_sde_and_vmap_with_different_step_counts():
@@ -211,30 +229,35 @@ def _decay_loss(dtype, coupling, n_steps):
 
 def test_float32_drift_is_reduced():
     n_steps = 400
-    theta32 = jnp.asarray(1.0, jnp.float32)
     loss32 = _decay_loss(jnp.float32, 0.95, n_steps)
     loss64 = _decay_loss(jnp.float64, 0.95, n_steps)
-    reference = jax.jit(jax.grad(loss64), static_argnums=1)(
-        jnp.asarray(1.0), diffrax.RecursiveCheckpointAdjoint()
-    )
-    grad32 = jax.jit(jax.grad(loss32), static_argnums=1)
-
-    def run(k):
-        drifts = []
+    rca = diffrax.RecursiveCheckpointAdjoint()
+    drifts = {"k=None": [], "k=10": []}
+    # The float64 reference and the float32 gradients, each solve with its own
+    # theta, in one jitted program.
+    cases = {"reference": (loss64, rca), "rca": (loss32, rca)}
+    for name, k in (("k=None", None), ("k=10", 10)):
         adjoint = revdiffrax.ReversibleAdjoint(
-            checkpoint_every=k, drift_callback=drifts.append
+            checkpoint_every=k, drift_callback=drifts[name].append
         )
-        g = grad32(theta32, adjoint)
-        jax.effects_barrier()
-        assert g.dtype == jnp.float32
-        error = abs(float(g) - float(reference)) / abs(float(reference))
-        return error, float(drifts[-1])
+        cases[name] = (loss32, adjoint)
 
-    rca_error = abs(
-        float(grad32(theta32, diffrax.RecursiveCheckpointAdjoint())) - float(reference)
-    ) / abs(float(reference))
-    error_none, drift_none = run(None)
-    error_10, drift_10 = run(10)
+    def total(thetas, _):
+        return sum(loss(thetas[name], a) for name, (loss, a) in cases.items())
+
+    thetas = {name: jnp.asarray(1.0, jnp.float32) for name in cases}
+    thetas["reference"] = jnp.asarray(1.0)
+    (grads,) = _grads_per_adjoint(total, thetas, (None,))
+    jax.effects_barrier()
+    reference = float(grads["reference"])
+
+    def error(name):
+        assert grads[name].dtype == jnp.float32
+        return abs(float(grads[name]) - reference) / abs(reference)
+
+    rca_error = error("rca")
+    error_none, drift_none = error("k=None"), float(drifts["k=None"][-1])
+    error_10, drift_10 = error("k=10"), float(drifts["k=10"][-1])
     # 0.95^-400 ~ 8e8: pure reconstruction loses every digit of float32.
     assert error_none > 1e-2
     assert drift_none > 1e-2
@@ -284,34 +307,36 @@ def test_memory_grows_like_n_over_k():
 def test_drift_is_reported_per_segment_and_tol_raises():
     loss = _decay_loss(jnp.float64, 0.9, 300)
     theta = jnp.asarray(1.0)
-    drifts = []
-    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
-    for k in (None, 150, 30):
-        adjoint = revdiffrax.ReversibleAdjoint(
-            checkpoint_every=k, drift_callback=drifts.append
+    drifts = {k: [] for k in (None, 150, 30)}
+    # k = 30 also with the tolerance that k = None fails below: the same tolerance
+    # is met once checkpoints bound the drift (it raises otherwise).
+    adjoints = tuple(
+        revdiffrax.ReversibleAdjoint(
+            checkpoint_every=k,
+            drift_callback=d.append,
+            drift_tol=1e-8 if k == 30 else "auto",
         )
-        grad(theta, adjoint)
+        for k, d in drifts.items()
+    )
+    grads = _grads_per_adjoint(loss, theta, adjoints)  # one compilation
     jax.effects_barrier()
-    d_none, d_150, d_30 = (float(d) for d in drifts)
+    assert all(jnp.isfinite(g) for g in grads)
+    d_none, d_150, d_30 = (float(d[-1]) for d in drifts.values())
     # Drift grows like coupling^-(segment length).
     assert d_none > 1e6 * d_30
     assert d_150 > 100 * d_30
     assert d_30 < 1e-12
 
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
     with pytest.raises(Exception, match="checkpoint_every"):
-        jax.block_until_ready(
-            jax.grad(loss)(theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8))
-        )
-    # The same tolerance is met once checkpoints bound the drift.
-    g = grad(theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8, checkpoint_every=30))
-    assert jnp.isfinite(g)
+        jax.block_until_ready(grad(theta, revdiffrax.ReversibleAdjoint(drift_tol=1e-8)))
 
     # An overflowing reconstruction (0.5^-400 in float32) gives a NaN drift, which
     # must raise too.
     loss_nan = _decay_loss(jnp.float32, 0.5, 400)
     with pytest.raises(Exception, match="drift_tol"):
         jax.block_until_ready(
-            jax.grad(loss_nan)(
+            jax.jit(jax.grad(loss_nan), static_argnums=1)(
                 jnp.asarray(1.0, jnp.float32),
                 revdiffrax.ReversibleAdjoint(drift_tol=1e-3),
             )

@@ -39,11 +39,19 @@ def _vf(t, y, args):
     return -args * y + jnp.sin(3 * t)
 
 
-def _assert_close(ours, ref):
+def _assert_close(ours, ref, case=None):
     # Relative to the largest entry: a component of a gradient can be zero up to
     # rounding (e.g. d/d(dt0) of a constant-step solve).
     scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(ref))
-    assert leafwise_rel_err(ours, ref, scale) < GRAD_RTOL
+    assert leafwise_rel_err(ours, ref, scale) < GRAD_RTOL, case
+
+
+def _grads_per_adjoint(loss, primals, adjoints):
+    """The gradient of `loss(primals, adjoint)` with respect to `primals`, for every
+    adjoint of `adjoints`: one jitted program per adjoint (one program holding the
+    solves of several adjoints compiled no faster)."""
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    return [grad(primals, adjoint) for adjoint in adjoints]
 
 
 # --- 1. `sol.ts` is a differentiable output ---------------------------------------
@@ -300,64 +308,75 @@ def _closure_terms(kind, model, scale):
     return term.to_ode()
 
 
-@pytest.mark.parametrize(
-    "kind", ["to_ode", "multi_to_ode", "callable_control", "weakly_diagonal"]
-)
-def test_closure_inside_wrapper_terms(kind):
+CLOSURE_KINDS = ("to_ode", "multi_to_ode", "callable_control", "weakly_diagonal")
+
+
+def test_closure_inside_wrapper_terms():
+    # Every kind's solve is a term of one jitted loss, each with its own (model,
+    # scale), so each kind's gradient is compared on its own: one compilation per
+    # adjoint.
     model = eqx.nn.MLP(2, 4, 8, 1, key=jax.random.PRNGKey(1))
 
-    @eqx.filter_jit
-    def grad(model, scale, adjoint):
-        def loss(model, scale):
-            sol = diffrax.diffeqsolve(
-                _closure_terms(kind, model, scale),
-                revdiffrax.Reversible(diffrax.Heun()),
-                0.0,
-                1.0,
-                0.1,
-                Y0,
-                adjoint=adjoint,
-                max_steps=16,
-            )
-            return jnp.sum(sol.ys**2)
+    def loss(model, scale, kind, adjoint):
+        sol = diffrax.diffeqsolve(
+            _closure_terms(kind, model, scale),
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            adjoint=adjoint,
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys**2)
 
-        return eqx.filter_grad(lambda x: loss(*x))((model, scale))
+    def total(primals, adjoint):
+        return sum(loss(*primals[kind], kind, adjoint) for kind in CLOSURE_KINDS)
 
-    scale = jnp.asarray(0.8)
-    ref = grad(model, scale, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(model, scale, revdiffrax.ReversibleAdjoint())
-    _assert_close(ours, ref)
+    primals = {kind: (model, jnp.asarray(0.8)) for kind in CLOSURE_KINDS}
+    ref, ours = _grads_per_adjoint(
+        total,
+        primals,
+        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+    )
+    for kind in CLOSURE_KINDS:
+        _assert_close(ours[kind], ref[kind], kind)
 
 
-@pytest.mark.parametrize("kind", ["lambda", "partial"])
-def test_function_in_args_closed_over_parameters(kind):
-    # `args` holding a function of the state that closes over the parameters.
+def test_function_in_args_closed_over_parameters():
+    # `args` holding a function of the state that closes over the parameters: a
+    # lambda and a `functools.partial`, each with its own `p` in one jitted loss.
     def model(p, y):
         return p * jnp.tanh(y)
 
-    @eqx.filter_jit
-    def grad(p, adjoint):
-        def loss(p):
-            f = (lambda y: model(p, y)) if kind == "lambda" else ft.partial(model, p)
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(lambda t, y, args: -args(y)),
-                revdiffrax.Reversible(diffrax.Heun()),
-                0.0,
-                1.0,
-                0.1,
-                Y0,
-                args=f,
-                adjoint=adjoint,
-                max_steps=16,
-            )
-            return jnp.sum(sol.ys**2)
+    def loss(p, kind, adjoint):
+        f = (lambda y: model(p, y)) if kind == "lambda" else ft.partial(model, p)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: -args(y)),
+            revdiffrax.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            Y0,
+            args=f,
+            adjoint=adjoint,
+            max_steps=16,
+        )
+        return jnp.sum(sol.ys**2)
 
-        return jax.grad(loss)(p)
+    kinds = ("lambda", "partial")
 
-    p = jnp.array([0.7, 1.1])
-    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(p, revdiffrax.ReversibleAdjoint())
-    _assert_close(ours, ref)
+    def total(primals, adjoint):
+        return sum(loss(primals[kind], kind, adjoint) for kind in kinds)
+
+    primals = {kind: jnp.array([0.7, 1.1]) for kind in kinds}
+    ref, ours = _grads_per_adjoint(
+        total,
+        primals,
+        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+    )
+    for kind in kinds:
+        _assert_close(ours[kind], ref[kind], kind)
 
 
 def test_closure_in_underdamped_langevin_grad_f():
@@ -437,30 +456,50 @@ def _vmapped_ys_and_ts_loss(ts, y0, adjoint, solver):
     return jnp.sum(jax.vmap(one)(y0))
 
 
-@pytest.mark.parametrize(
-    "solver, adjoint",
-    [
-        # The parasitic-mode check happened to batch the outputs; without it, or
-        # with a solver it does not apply to, the saved times counted twice.
-        (
-            revdiffrax.Reversible(diffrax.Midpoint()),
-            revdiffrax.ReversibleAdjoint(parasitic_tol=None),
-        ),
-        (revdiffrax.LeapfrogMidpoint(), revdiffrax.ReversibleAdjoint()),
-    ],
-    ids=["Reversible(Midpoint),parasitic_tol=None", "LeapfrogMidpoint"],
-)
-def test_vmapped_saved_times_counted_once(solver, adjoint):
+# The parasitic-mode check happened to batch the outputs; without it, or with a
+# solver it does not apply to, the saved times counted twice.
+VMAP_CASES = {
+    "Reversible(Midpoint),parasitic_tol=None": (
+        revdiffrax.Reversible(diffrax.Midpoint()),
+        revdiffrax.ReversibleAdjoint(parasitic_tol=None),
+    ),
+    "LeapfrogMidpoint": (revdiffrax.LeapfrogMidpoint(), revdiffrax.ReversibleAdjoint()),
+}
+
+
+def test_vmapped_saved_times_counted_once():
+    # Both cases' solves are terms of one jitted loss (per adjoint: ours, then
+    # DirectAdjoint), each with its own `ts`, so each case is compared on its own.
     ts, y0 = jnp.array([0.6, 0.9]), jnp.array([1.0, 2.0])
-    grad = jax.jit(jax.grad(_vmapped_ys_and_ts_loss), static_argnums=(2, 3))
-    ours = grad(ts, y0, adjoint, solver)
-    direct = grad(ts, y0, diffrax.DirectAdjoint(), solver)
-    _assert_close(ours, direct)
-    # The reference itself, by central differences.
-    loss = ft.partial(_vmapped_ys_and_ts_loss, y0=y0, adjoint=adjoint, solver=solver)
+
+    def losses(ts_by_case, direct):
+        return {
+            name: _vmapped_ys_and_ts_loss(
+                ts_by_case[name],
+                y0,
+                diffrax.DirectAdjoint() if direct else adjoint,
+                solver,
+            )
+            for name, (solver, adjoint) in VMAP_CASES.items()
+        }
+
+    def total(ts_by_case, direct):
+        return sum(losses(ts_by_case, direct).values())
+
+    primals = {name: ts for name in VMAP_CASES}
+    ours, direct = _grads_per_adjoint(total, primals, (False, True))
+    # The reference itself, by central differences (one compilation for every case
+    # and every shifted `ts`).
+    jit_losses = jax.jit(losses, static_argnums=1)
     eps = 1e-6
-    fd = [
-        (loss(ts.at[i].add(eps)) - loss(ts.at[i].add(-eps))) / (2 * eps)
-        for i in range(len(ts))
-    ]
-    np.testing.assert_allclose(direct, jnp.stack(fd), rtol=1e-7)
+    fd = {name: [] for name in VMAP_CASES}
+    for i in range(len(ts)):
+        plus = jit_losses({name: ts.at[i].add(eps) for name in VMAP_CASES}, False)
+        minus = jit_losses({name: ts.at[i].add(-eps) for name in VMAP_CASES}, False)
+        for name in VMAP_CASES:
+            fd[name].append((plus[name] - minus[name]) / (2 * eps))
+    for name in VMAP_CASES:
+        _assert_close(ours[name], direct[name], name)
+        np.testing.assert_allclose(
+            direct[name], jnp.stack(fd[name]), rtol=1e-7, err_msg=name
+        )
