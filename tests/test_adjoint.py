@@ -10,11 +10,17 @@ import lineax as lx
 import numpy as np
 import pytest
 import revdiffrax
-from helpers import GRAD_RTOL, MULTISTEP_SOLVERS, REVERSIBLE_SOLVERS, tree_rel_err
+from helpers import (
+    GRAD_RTOL,
+    MULTISTEP_SOLVERS,
+    RCA_ALL_STEPS,
+    REVERSIBLE_SOLVERS,
+    tree_rel_err,
+)
 from jaxtyping import Array, Float, PyTree
 
 
-RCA = diffrax.RecursiveCheckpointAdjoint()
+RCA = RCA_ALL_STEPS
 REV = revdiffrax.ReversibleAdjoint()
 
 

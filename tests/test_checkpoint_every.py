@@ -8,7 +8,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 import revdiffrax
-from helpers import tree_rel_err
+from helpers import RCA_ALL_STEPS, tree_rel_err
 
 
 def _mlp_loss(solver, controller, saveat_kind):
@@ -130,7 +130,7 @@ def test_semi_implicit_euler_tuple_state():
 
     params = (jnp.array(2.0), jnp.array(1.3))
     ks = (7, 100)
-    adjoints = (diffrax.RecursiveCheckpointAdjoint(),) + tuple(
+    adjoints = (RCA_ALL_STEPS,) + tuple(
         revdiffrax.ReversibleAdjoint(checkpoint_every=k) for k in ks
     )
     ref, *outs = _grads_per_adjoint(loss, params, adjoints)  # one compilation
@@ -173,7 +173,7 @@ def test_sde_and_vmap_with_different_step_counts():
         g = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, 0, None))
         return jax.jit(g, static_argnums=2)(y0s, thetas, adjoint)
 
-    ref = batched(diffrax.RecursiveCheckpointAdjoint())
+    ref = batched(RCA_ALL_STEPS)
     out = batched(revdiffrax.ReversibleAdjoint(checkpoint_every=6))
     assert tree_rel_err(out, ref) < 1e-10
 
@@ -199,7 +199,7 @@ def test_sde_and_vmap_with_different_step_counts():
         )
         return jax.jit(g, static_argnums=2)(y0s, thetas, adjoint)
 
-    ref, steps = batched_ode(diffrax.RecursiveCheckpointAdjoint())
+    ref, steps = batched_ode(RCA_ALL_STEPS)
     assert len(set(np.asarray(steps).ravel().tolist())) > 1
     out, _ = batched_ode(revdiffrax.ReversibleAdjoint(checkpoint_every=5))
     assert tree_rel_err(out, ref) < 1e-10
@@ -231,7 +231,7 @@ def test_float32_drift_is_reduced():
     n_steps = 400
     loss32 = _decay_loss(jnp.float32, 0.95, n_steps)
     loss64 = _decay_loss(jnp.float64, 0.95, n_steps)
-    rca = diffrax.RecursiveCheckpointAdjoint()
+    rca = RCA_ALL_STEPS
     drifts = {"k=None": [], "k=10": []}
     # The float64 reference and the float32 gradients, each solve with its own
     # theta, in one jitted program.

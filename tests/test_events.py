@@ -12,10 +12,10 @@ import numpy as np
 import optimistix as optx
 import pytest
 import revdiffrax
-from helpers import tree_rel_err
+from helpers import RCA_ALL_STEPS, tree_rel_err
 
 
-RCA = diffrax.RecursiveCheckpointAdjoint()
+RCA = RCA_ALL_STEPS
 REV = revdiffrax.ReversibleAdjoint(drift_tol=1e-10)
 EVENT_RTOL = 1e-8
 T1 = 3.0

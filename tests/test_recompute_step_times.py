@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 import revdiffrax
-from helpers import tree_rel_err
+from helpers import RCA_ALL_STEPS, tree_rel_err
 from revdiffrax._adjoint import rerun
 
 
@@ -126,7 +126,7 @@ def test_gradients_equal_rca(case, monkeypatch):
         step_times="recompute", checkpoint_every=every
     )
     grads, stats = grad(adjoint)
-    expected, rca_stats = grad(diffrax.RecursiveCheckpointAdjoint())
+    expected, rca_stats = grad(RCA_ALL_STEPS)
     assert counter.count == 1
     assert stats["num_rejected_steps"] > 0
     k = every or rerun.recompute_every(
@@ -176,7 +176,7 @@ def test_vmap_gradients_equal_rca(monkeypatch):
         )
     )
     assert counter.count >= 1
-    expected = grads(diffrax.RecursiveCheckpointAdjoint())
+    expected = grads(RCA_ALL_STEPS)
     assert tree_rel_err(got, expected) < 1e-9
 
 

@@ -10,7 +10,7 @@ import jax.random as jr
 import pytest
 import revdiffrax
 import revdiffrax._solver.erk as erk
-from helpers import GRAD_RTOL, tree_rel_err
+from helpers import GRAD_RTOL, RCA_ALL_STEPS, tree_rel_err
 from revdiffrax._batching import enclosing_vmap_size
 
 
@@ -71,7 +71,7 @@ def test_stage_pullback_gradients(base, monkeypatch):
     primals = {case: (args, y0, 0.0, 1.0) for case in _CASES}
     grad = jax.jit(jax.grad(both), static_argnums=1)
     ours = grad(primals, revdiffrax.ReversibleAdjoint())
-    ref = grad(primals, diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(primals, RCA_ALL_STEPS)
     for case in _CASES:
         assert tree_rel_err(ours[case], ref[case]) < GRAD_RTOL, case
 
@@ -217,5 +217,5 @@ def test_typed_prng_key_brownian_motion():
     a = jnp.asarray(0.7)
     grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))  # one compile each
     got = grad(a, revdiffrax.ReversibleAdjoint(), solver)
-    want = grad(a, diffrax.RecursiveCheckpointAdjoint(), solver)
+    want = grad(a, RCA_ALL_STEPS, solver)
     assert jnp.allclose(got, want, rtol=GRAD_RTOL, atol=0)

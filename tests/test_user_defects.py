@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import revdiffrax
-from helpers import GRAD_RTOL, leafwise_rel_err
+from helpers import GRAD_RTOL, leafwise_rel_err, RCA_ALL_STEPS
 
 
 Y0 = jnp.array([1.0, 0.5])
@@ -110,7 +110,7 @@ def test_saved_times_are_differentiable():
 
         return jax.grad(total)({name: (times, TS) for name in CONTROLLERS})
 
-    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(RCA_ALL_STEPS)
     ours = grad(revdiffrax.ReversibleAdjoint())
     for name in CONTROLLERS:
         _assert_close(ours[name], ref[name])
@@ -134,7 +134,7 @@ def test_saved_t1_gradient_issue_example():
 
     t1 = jnp.asarray(0.62)
     grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compilation per adjoint
-    ref = grad(t1, diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(t1, RCA_ALL_STEPS)
     ours = grad(t1, revdiffrax.ReversibleAdjoint())
     assert abs(float(ours) - float(ref)) < GRAD_RTOL * abs(float(ref))
 
@@ -196,7 +196,7 @@ def test_clipped_step_time_gradients():
 
         return jax.grad(total)({name: times(CLIPPED_DT0[name]) for name in CLIPPED})
 
-    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(RCA_ALL_STEPS)
     ours = grad(revdiffrax.ReversibleAdjoint())
     for name in CLIPPED:
         _assert_close(ours[name], ref[name])
@@ -276,7 +276,7 @@ def test_sde_saveat_ts_gradient(solver, stepto):
         return jax.grad(loss, argnums=(0, 1))(ts, args)
 
     ts, args = jnp.array([0.22, 0.51, 0.9]), jnp.asarray(0.7)
-    ref = grad(ts, args, diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(ts, args, RCA_ALL_STEPS)
     ours = grad(ts, args, revdiffrax.ReversibleAdjoint())
     _assert_close(ours, ref)
 
@@ -337,7 +337,7 @@ def test_closure_inside_wrapper_terms():
     ref, ours = _grads_per_adjoint(
         total,
         primals,
-        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+        (RCA_ALL_STEPS, revdiffrax.ReversibleAdjoint()),
     )
     for kind in CLOSURE_KINDS:
         _assert_close(ours[kind], ref[kind], kind)
@@ -373,7 +373,7 @@ def test_function_in_args_closed_over_parameters():
     ref, ours = _grads_per_adjoint(
         total,
         primals,
-        (diffrax.RecursiveCheckpointAdjoint(), revdiffrax.ReversibleAdjoint()),
+        (RCA_ALL_STEPS, revdiffrax.ReversibleAdjoint()),
     )
     for kind in kinds:
         _assert_close(ours[kind], ref[kind], kind)
@@ -404,7 +404,7 @@ def test_closure_in_underdamped_langevin_grad_f():
         return jax.grad(loss)(p)
 
     p = jnp.array([0.7, 1.1])
-    ref = grad(p, diffrax.RecursiveCheckpointAdjoint())
+    ref = grad(p, RCA_ALL_STEPS)
     ours = grad(p, revdiffrax.ReversibleAdjoint())
     _assert_close(ours, ref)
 
@@ -435,7 +435,7 @@ def test_differentiated_controller_arrays_refused():
         jax.grad(_stepto_loss)(t1, revdiffrax.ReversibleAdjoint(), True)
     grad = jax.jit(jax.grad(_stepto_loss), static_argnums=(1, 2))
     got = grad(t1, revdiffrax.ReversibleAdjoint(), False)
-    want = grad(t1, diffrax.RecursiveCheckpointAdjoint(), False)
+    want = grad(t1, RCA_ALL_STEPS, False)
     np.testing.assert_allclose(got, want, rtol=GRAD_RTOL)
 
 
